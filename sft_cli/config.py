@@ -1,0 +1,86 @@
+"""Where the configs live, the typed trainer schema, and check(cfg): every cross-key problem at once."""
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from sft_cli.errors import SFTError, not_one_of
+
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+MONITORS = ("val/accuracy", "val/macro_f1", "val/loss")
+MODES = ("max", "min")
+
+
+def find_config_dir() -> str:
+    """The packaged configs of an installed wheel, else the checkout's configs/ folder."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise SFTError(f"sft-cli's configs are missing: looked in {here / 'configs'} and {here.parent / 'configs'}. "
+                   "Reinstall the package (pip install sft-cli).")
+
+
+@dataclass
+class TrainerSchema:
+    """Types for configs/trainer/: a wrong type is a keyed error before anything runs."""
+
+    device: str = "auto"
+    max_epochs: int = 10
+    max_steps: Optional[int] = None
+    batch_size: int = 128
+    eval_batch_size: Optional[int] = None
+    num_workers: int = 2
+    precision: str = "32"
+    accumulate_grad_batches: int = 1
+    gradient_clip_norm: Optional[float] = None
+    val_every_n_epochs: int = 1
+    log_every_n_steps: int = 50
+    monitor: str = "val/accuracy"
+    mode: str = "max"
+    early_stopping_patience: Optional[int] = None
+    deterministic: bool = False
+    progress_bar: bool = True
+
+
+ConfigStore.instance().store(group="trainer", name="schema", node=TrainerSchema)
+# Run folders are named <time>_<pid> so two runs started in the same second never share one.
+OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), replace=True)
+
+
+def check(cfg: DictConfig) -> None:
+    """Raise one SFTError listing every problem in cfg that can be seen before data or weights load."""
+    t = cfg.trainer
+    problems = []
+    if t.precision not in PRECISIONS:
+        problems.append(not_one_of("trainer.precision", t.precision, PRECISIONS))
+    if t.monitor not in MONITORS:
+        problems.append(not_one_of("trainer.monitor", t.monitor, MONITORS))
+    if t.mode not in MODES:
+        problems.append(not_one_of("trainer.mode", t.mode, MODES))
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device):
+        problems.append(not_one_of("trainer.device", t.device, ("auto", "cpu", "cuda", "cuda:N", "mps")))
+    for key in ("max_epochs", "batch_size", "accumulate_grad_batches", "val_every_n_epochs", "log_every_n_steps"):
+        if t[key] < 1:
+            problems.append(f"trainer.{key}={t[key]} must be at least 1")
+    for key in ("max_steps", "eval_batch_size", "early_stopping_patience"):
+        if t[key] is not None and t[key] < 1:
+            problems.append(f"trainer.{key}={t[key]} must be at least 1, or null")
+    if t.num_workers < 0:
+        problems.append(f"trainer.num_workers={t.num_workers} must be 0 or more")
+    if not isinstance(cfg.seed, int):
+        problems.append(f"seed={cfg.seed!r} must be an integer")
+    if cfg.resume is not None and not Path(cfg.resume).exists():
+        problems.append(f"resume={cfg.resume!r} does not exist: give a run directory or a checkpoint "
+                        "(outputs/<name>/<date>/<time>/checkpoints/last)")
+    size = cfg.dataset.get("transforms", {}).get("image_size")
+    if str(cfg.model.get("name", "")).startswith("vit_") and size != 224:
+        problems.append(f"model.name={cfg.model.name} takes 224x224 inputs only, but "
+                        f"dataset.transforms.image_size={size}: set dataset.transforms.image_size=224")
+    if problems:
+        raise SFTError("invalid config:\n  - " + "\n  - ".join(problems))

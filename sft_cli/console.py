@@ -1,0 +1,77 @@
+"""Everything drawn on the terminal with rich: config tree, parameter table, progress bar, summaries."""
+
+from contextlib import nullcontext
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.tree import Tree
+
+console = Console()
+
+
+def print_config(cfg: DictConfig) -> None:
+    """The resolved config as a tree, one branch per group (the on-disk copy is .hydra/config.yaml)."""
+    tree = Tree("[bold]config", guide_style="dim")
+    for key, value in cfg.items():
+        if isinstance(value, DictConfig):
+            tree.add(f"[bold cyan]{key}").add(OmegaConf.to_yaml(value, resolve=True).rstrip())
+        else:
+            tree.add(f"[bold cyan]{key}[/]: {value}")
+    console.print(tree)
+
+
+def print_stages(rows: list[tuple[str, int, int]], title: str = "parameters by stage") -> None:
+    table = Table(title=title, title_justify="left")
+    for column in ("stage", "trainable", "total"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for name, trainable, total in rows:
+        table.add_row(name, f"{trainable:,}", f"{total:,}", style=None if trainable else "dim")
+    table.add_row("[bold]all", f"[bold]{sum(r[1] for r in rows):,}", f"[bold]{sum(r[2] for r in rows):,}")
+    console.print(table)
+
+
+def progress_bar(enabled: bool):
+    """A rich progress bar on interactive terminals; None (and nothing drawn) elsewhere, e.g. in logs."""
+    if not (enabled and console.is_terminal):
+        return nullcontext(None)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, transient=True)
+
+
+def print_key_values(title: str, values: dict) -> None:
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in values.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+def print_class_report(classes: list[str], report: dict) -> None:
+    """Per-class precision/recall/F1 and the confusion matrix, as sft-eval shows them."""
+    table = Table(title="per class", title_justify="left")
+    for column in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for i, name in enumerate(classes):
+        table.add_row(name, f"{report['precision'][i]:.3f}", f"{report['recall'][i]:.3f}", f"{report['f1'][i]:.3f}",
+                      str(report["support"][i]))
+    console.print(table)
+    if len(classes) <= 20:
+        matrix = Table(title="confusion matrix (rows: true, columns: predicted)", title_justify="left")
+        matrix.add_column("")
+        for i in range(len(classes)):
+            matrix.add_column(str(i), justify="right")
+        for i, row in enumerate(report["confusion"]):
+            matrix.add_row(f"{i} {classes[i]}", *(f"[bold]{v}" if j == i else str(v) for j, v in enumerate(row)))
+        console.print(matrix)
+
+
+def print_ranking(rows: list[dict], columns: list[str], title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+    console.print(table)

@@ -1,0 +1,176 @@
+"""Image datasets as train/val/test splits. Each builder is a `_target_` in configs/dataset/."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import to_absolute_path
+from torch.utils.data import Dataset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from sft_cli.errors import SFTError, not_one_of
+
+TRAIN_CROPS = ("pad", "resized", "none")
+
+
+@dataclass
+class Splits:
+    """What every dataset builder returns. `test` is None when the data has no held-out split."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset | None
+    classes: list[str]
+    train_targets: list[int]  # for class weights, without decoding a single image
+
+
+class Transformed(Dataset):
+    """The items `indices` of `base` (which yields (image, label)), with `transform` applied to the image."""
+
+    def __init__(self, base: Dataset, indices: list[int], transform):
+        self.base, self.indices, self.transform = base, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        image, label = self.base[self.indices[i]]
+        return self.transform(image), label
+
+
+def image_transforms(train: bool, image_size: int, train_crop: str, crop_padding: int, hflip: bool,
+                     eval_resize: int, mean: list[float], std: list[float]) -> v2.Compose:
+    """PIL or tensor image -> normalised float RGB tensor; augmentation only when `train`."""
+    if train_crop not in TRAIN_CROPS:
+        raise SFTError(not_one_of("dataset.transforms.train_crop", train_crop, TRAIN_CROPS))
+    steps = [v2.ToImage(), v2.RGB()]  # grayscale sets (MNIST, digits) become 3-channel for RGB backbones
+    if train and train_crop == "resized":
+        steps.append(v2.RandomResizedCrop(image_size, antialias=True))
+    elif train and train_crop == "pad":
+        steps += [v2.Resize(image_size, antialias=True), v2.RandomCrop(image_size, padding=crop_padding)]
+    else:
+        steps += [v2.Resize(eval_resize, antialias=True), v2.CenterCrop(image_size)]
+    if train and hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
+
+
+def stratified_split(targets: list[int], size: float | int, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices into (keep, held_out), holding out `size` (a fraction or a count) of each class."""
+    n = len(targets)
+    fraction = size if isinstance(size, float) and size < 1 else size / n
+    if not 0 < fraction < 1:
+        raise SFTError(f"dataset.val_size={size} must be a fraction in (0, 1) or a count below {n}")
+    generator = torch.Generator().manual_seed(seed)
+    keep, held_out = [], []
+    for c in sorted(set(targets)):
+        members = [i for i, t in enumerate(targets) if t == c]
+        members = [members[j] for j in torch.randperm(len(members), generator=generator)]
+        k = round(len(members) * fraction)
+        held_out += members[:k]
+        keep += members[k:]
+    return sorted(keep), sorted(held_out)
+
+
+def _make_splits(train_base, test_base, classes, val_size, split_seed, transforms, val_base=None) -> Splits:
+    targets = [int(t) for t in train_base.targets]
+    train_tf, eval_tf = image_transforms(True, **transforms), image_transforms(False, **transforms)
+    if val_base is None:
+        train_idx, val_idx = stratified_split(targets, val_size, split_seed)
+        val = Transformed(train_base, val_idx, eval_tf)
+    else:
+        train_idx = list(range(len(targets)))
+        val = Transformed(val_base, list(range(len(val_base))), eval_tf)
+    test = None if test_base is None else Transformed(test_base, list(range(len(test_base))), eval_tf)
+    return Splits(Transformed(train_base, train_idx, train_tf), val, test, list(classes),
+                  [targets[i] for i in train_idx])
+
+
+def _skip_checksums(cls):
+    # torchvision's CIFAR classes compare md5s in _check_integrity(); a user-made copy (a subset, a
+    # re-pickled file) fails it. This subclass accepts any copy whose files are all present.
+    def files_present(self):
+        folder = Path(self.root) / self.base_folder
+        return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
+
+    return type(f"Unverified{cls.__name__}", (cls,), {"_check_integrity": files_present})
+
+
+def torchvision_dataset(name: str, root: str, download: bool, verify: bool, val_size: float | int,
+                        split_seed: int, transforms: dict) -> Splits:
+    """A torchvision dataset with a train= flag (CIFAR10/100, MNIST, FashionMNIST, ...): validation is
+    carved from train; the official test split is kept for the final test evaluation."""
+    cls = getattr(datasets, name, None)
+    if cls is None:
+        raise SFTError(f"dataset.name={name!r} is not a torchvision.datasets class (e.g. CIFAR10, CIFAR100, "
+                       "MNIST, FashionMNIST)")
+    if not verify and hasattr(cls, "_check_integrity"):
+        cls = _skip_checksums(cls)
+    root = to_absolute_path(root)
+    try:
+        train, test = cls(root, train=True, download=download), cls(root, train=False, download=download)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; "Dataset not found" a RuntimeError
+        folder = Path(root) / getattr(cls, "base_folder", "")
+        hint = " A local copy whose checksums differ from the official files loads with dataset.verify=false." \
+            if verify and folder.is_dir() and hasattr(cls, "_check_integrity") else ""
+        raise SFTError(f"could not load {name} from dataset.root={root} ({type(e).__name__}: {e}). "
+                       f"Put the official files in {folder} (or point dataset.root at the folder that holds "
+                       f"them), or run once with network access and dataset.download=true.{hint}") from e
+    return _make_splits(train, test, train.classes, val_size, split_seed, transforms)
+
+
+def _image_folder(path: Path, key: str) -> datasets.ImageFolder:
+    try:
+        return datasets.ImageFolder(str(path))
+    except (FileNotFoundError, OSError) as e:
+        raise SFTError(f"{key}={path}: {e}. Expected one subfolder per class holding images "
+                       "(root/<class>/*.jpg, or root/train/<class>/ and root/val/<class>/).") from e
+
+
+def image_folder(root: str, val_size: float | int, split_seed: int, transforms: dict) -> Splits:
+    """Your images: root/<class>/* (validation carved from it) or root/{train,val[,test]}/<class>/*."""
+    path = Path(to_absolute_path(root))
+    if not path.is_dir():
+        raise SFTError(f"dataset.root={path} is not a directory. Point it at a folder of class subfolders.")
+    if not (path / "train").is_dir():
+        base = _image_folder(path, "dataset.root")
+        return _make_splits(base, None, base.classes, val_size, split_seed, transforms)
+    train = _image_folder(path / "train", "dataset.root")
+    parts = {split: _image_folder(path / split, "dataset.root") for split in ("val", "test") if (path / split).is_dir()}
+    for split, part in parts.items():
+        if part.classes != train.classes:
+            raise SFTError(f"{path / split} has classes {part.classes} but {path / 'train'} has {train.classes}: "
+                           "every split needs the same class subfolders.")
+    return _make_splits(train, parts.get("test"), train.classes, val_size, split_seed, transforms,
+                        val_base=parts.get("val"))
+
+
+class InMemoryImages(Dataset):
+    """uint8 images (N, H, W) held in memory, yielded as (tensor image, label) pairs."""
+
+    def __init__(self, images: torch.Tensor, targets: list[int]):
+        self.images, self.targets = images, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return self.images[i].unsqueeze(0), self.targets[i]
+
+
+def sklearn_digits(val_size: float, test_size: float, split_seed: int, transforms: dict) -> Splits:
+    """scikit-learn's bundled 8x8 handwritten digits: a real dataset that needs no download."""
+    from sklearn.datasets import load_digits  # only this dataset needs scikit-learn
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images * (255 / 16)).round().to(torch.uint8)  # pixel values 0..16
+    targets = [int(t) for t in digits.target]
+    rest, test_idx = stratified_split(targets, test_size, split_seed)
+    base = InMemoryImages(images, targets)
+    test = Transformed(base, test_idx, image_transforms(False, **transforms))
+    pool = InMemoryImages(images[rest], [targets[i] for i in rest])
+    splits = _make_splits(pool, None, [str(c) for c in range(10)], val_size, split_seed, transforms)
+    splits.test = test
+    return splits

@@ -1,0 +1,122 @@
+"""Freeze policies: which stages of a model train. Each policy is a `_target_` in configs/freeze/."""
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from sft_cli.errors import SFTError, not_one_of
+
+Stage = tuple[str, list[str]]  # (stage name, names of the submodules or parameters it holds)
+
+
+def stage_names(model: nn.Module, stem: list[str] = (), expand: list[str] = ()) -> list[Stage]:
+    """The model's stages bottom to top: its top-level children (and direct parameters) in registration
+    order, with each module named in `expand` replaced by its own children and the names in `stem`
+    merged into one first stage called "stem"."""
+
+    def pieces(prefix: str, module: nn.Module) -> list[str]:
+        out = [f"{prefix}{n}" for n, _ in module.named_parameters(recurse=False)]
+        for n, child in module.named_children():
+            if f"{prefix}{n}" in expand:
+                out += pieces(f"{prefix}{n}.", child)
+            elif any(True for _ in child.parameters()):
+                out.append(f"{prefix}{n}")
+        return out
+
+    names = pieces("", model)
+    missing = [s for s in stem if s not in names]
+    if missing:
+        raise SFTError(f"model.stem names {missing}, which are not stages of {type(model).__name__}: {names}")
+    stages = [("stem", list(stem))] if stem else []
+    return stages + [(n, [n]) for n in names if n not in stem]
+
+
+def _members(model: nn.Module, stage: Stage) -> list[nn.Module | nn.Parameter]:
+    out = []
+    for name in stage[1]:
+        try:
+            out.append(model.get_submodule(name))
+        except AttributeError:  # a direct parameter such as ViT's class_token
+            out.append(model.get_parameter(name))
+    return out
+
+
+def _parameters(model: nn.Module, stage: Stage):
+    for member in _members(model, stage):
+        yield from member.parameters() if isinstance(member, nn.Module) else [member]
+
+
+def _head_index(stages: list[Stage], head: str) -> int:
+    return next(i for i, (_, members) in enumerate(stages)
+                if any(head == m or head.startswith(m + ".") for m in members))
+
+
+class NoFreeze:
+    """Every stage trains."""
+
+    def frozen(self, stages: list[Stage], head: str, epoch: int) -> list[str]:
+        return []
+
+
+class HeadOnly:
+    """Only the stage holding the classification head trains (a linear probe)."""
+
+    def frozen(self, stages: list[Stage], head: str, epoch: int) -> list[str]:
+        h = _head_index(stages, head)
+        return [name for i, (name, _) in enumerate(stages) if i != h]
+
+
+class Lower:
+    """The stem and the lowest `n` stages above it are frozen, or every stage up to and including `until`."""
+
+    def __init__(self, n: int = 2, until: str | None = None):
+        self.n, self.until = n, until
+
+    def frozen(self, stages: list[Stage], head: str, epoch: int) -> list[str]:
+        names = [name for name, _ in stages]
+        backbone = names[:_head_index(stages, head)]
+        if self.until is not None:
+            if self.until not in backbone:
+                raise SFTError(not_one_of("freeze.until", self.until, backbone))
+            return backbone[: backbone.index(self.until) + 1]
+        count = self.n + (1 if names[0] == "stem" else 0)
+        if not 0 <= self.n < len(backbone):
+            raise SFTError(f"freeze.n={self.n} must be between 0 and {len(backbone) - 1} for this model, whose "
+                           f"stages below the head are: {', '.join(backbone)}")
+        return backbone[:count]
+
+
+class Gradual:
+    """Head-only at first, then one more stage unfrozen from the top every `every_n_epochs` epochs."""
+
+    def __init__(self, every_n_epochs: int = 1):
+        if every_n_epochs < 1:
+            raise SFTError(f"freeze.every_n_epochs={every_n_epochs} must be at least 1")
+        self.every_n_epochs = every_n_epochs
+
+    def frozen(self, stages: list[Stage], head: str, epoch: int) -> list[str]:
+        h = _head_index(stages, head)
+        below = [name for name, _ in stages[:h]]
+        return below[: max(0, len(below) - epoch // self.every_n_epochs)]
+
+
+def apply(model: nn.Module, stages: list[Stage], frozen: list[str]) -> None:
+    """Set requires_grad by stage and put the model in train mode, with frozen BatchNorm layers in eval
+    mode so they keep their (pretrained) running statistics. Call it at the start of every epoch."""
+    model.train()
+    for stage in stages:
+        is_frozen = stage[0] in frozen
+        for p in _parameters(model, stage):
+            p.requires_grad_(not is_frozen)
+        for member in _members(model, stage) if is_frozen else ():
+            for m in member.modules() if isinstance(member, nn.Module) else ():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+
+
+def parameter_counts(model: nn.Module, stages: list[Stage]) -> list[tuple[str, int, int]]:
+    """(stage, trainable, total) parameter counts, for the table printed at start."""
+    rows = []
+    for stage in stages:
+        params = list(_parameters(model, stage))
+        rows.append((stage[0], sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)))
+    return rows

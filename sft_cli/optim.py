@@ -1,0 +1,78 @@
+"""Optimizer parameter groups and lr schedules. Schedules share one signature,
+(optimizer, num_training_steps, steps_per_epoch, **yaml), and all but `plateau` step once per optimizer step."""
+
+import math
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
+
+
+def param_groups(model: nn.Module, head: str, lr: float, weight_decay: float, head_lr: float | None) -> list[dict]:
+    """Up to four groups, (backbone | head) x (decay | no decay). Biases and normalisation weights (every
+    1-D parameter) get no weight decay. Frozen parameters are included so that gradual unfreezing can
+    wake them up; optimizers skip a parameter whose .grad is None, so they cost nothing while frozen."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        is_head = name.startswith(head + ".")
+        groups.setdefault((is_head, p.ndim <= 1), []).append(p)
+    return [{"params": params, "name": f"{'head' if is_head else 'backbone'}{'/no_decay' if no_decay else ''}",
+             "lr": head_lr if is_head and head_lr is not None else lr,
+             "weight_decay": 0.0 if no_decay else weight_decay}
+            for (is_head, no_decay), params in sorted(groups.items())]
+
+
+def build_optimizer(cfg: DictConfig, model: nn.Module, head: str) -> Optimizer:
+    """instantiate(configs/optimizer/*) over param_groups(); `head_lr` is ours, not torch's, so it is taken out."""
+    kwargs = OmegaConf.to_container(cfg, resolve=True)
+    head_lr = kwargs.pop("head_lr", None)
+    groups = param_groups(model, head, kwargs["lr"], kwargs.get("weight_decay", 0.0), head_lr)
+    return instantiate(kwargs, params=groups, _convert_="all")
+
+
+def _warmup_then(optimizer, warmup_steps: int, after) -> LambdaLR:
+    """LambdaLR: linear warmup from 0 over `warmup_steps`, then after(progress in [0, 1])."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        return after(step - warmup_steps)
+
+    return LambdaLR(optimizer, factor)
+
+
+def constant(optimizer, num_training_steps: int, steps_per_epoch: int, warmup_epochs: float = 0) -> LambdaLR:
+    return _warmup_then(optimizer, round(warmup_epochs * steps_per_epoch), lambda s: 1.0)
+
+
+def step(optimizer, num_training_steps: int, steps_per_epoch: int, step_epochs: int, gamma: float,
+         warmup_epochs: float = 0) -> LambdaLR:
+    warmup = round(warmup_epochs * steps_per_epoch)
+    return _warmup_then(optimizer, warmup, lambda s: gamma ** ((s + warmup) // (step_epochs * steps_per_epoch)))
+
+
+def cosine(optimizer, num_training_steps: int, steps_per_epoch: int, warmup_epochs: float = 0,
+           min_lr_ratio: float = 0.0) -> LambdaLR:
+    warmup = round(warmup_epochs * steps_per_epoch)
+    decay = max(1, num_training_steps - warmup)
+    return _warmup_then(optimizer, warmup, lambda s: min_lr_ratio + (1 - min_lr_ratio) *
+                        0.5 * (1 + math.cos(math.pi * min(s, decay) / decay)))
+
+
+def linear(optimizer, num_training_steps: int, steps_per_epoch: int, warmup_epochs: float = 0) -> LambdaLR:
+    warmup = round(warmup_epochs * steps_per_epoch)
+    decay = max(1, num_training_steps - warmup)
+    return _warmup_then(optimizer, warmup, lambda s: max(0.0, 1 - s / decay))
+
+
+def onecycle(optimizer, num_training_steps: int, steps_per_epoch: int, **kwargs) -> OneCycleLR:
+    """torch's OneCycleLR, peaking at each group's lr (so head_lr keeps its ratio)."""
+    peaks = [group["lr"] for group in optimizer.param_groups]
+    return OneCycleLR(optimizer, max_lr=peaks, total_steps=num_training_steps, **kwargs)
+
+
+def plateau(optimizer, num_training_steps: int, steps_per_epoch: int, **kwargs) -> ReduceLROnPlateau:
+    """torch's ReduceLROnPlateau; the recipe steps it with the monitored metric after each validation."""
+    return ReduceLROnPlateau(optimizer, **kwargs)

@@ -1,0 +1,61 @@
+"""Device, seeding, mixed precision and RNG state: the few runtime facts the recipe needs."""
+
+import contextlib
+import random
+
+import torch
+
+from sft_cli.errors import SFTError
+
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SFTError(f"trainer.device={name} but no CUDA GPU is visible (torch.cuda.is_available() is False, "
+                           f"torch {torch.__version__}). Use trainer.device=cpu or trainer.device=auto.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SFTError(f"trainer.device={name} but only {torch.cuda.device_count()} GPU(s) are visible "
+                           f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1}).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SFTError(f"trainer.device={name} but MPS is not available here. Use trainer.device=auto.")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward-pass context for trainer.precision (a no-op for 32)."""
+    if precision == "32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
