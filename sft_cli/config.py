@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sft_cli.errors import SFTError, not_one_of
@@ -84,3 +86,17 @@ def check(cfg: DictConfig) -> None:
                         f"dataset.transforms.image_size={size}: set dataset.transforms.image_size=224")
     if problems:
         raise SFTError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def build(node: DictConfig, *args, **kwargs):
+    """hydra.utils.instantiate(node, ...), re-raising our own SFTError as is rather than wrapped in Hydra's
+    InstantiationException (whose text would bury the fix under 'Error in call to target ...')."""
+    try:
+        return instantiate(node, *args, _convert_="all", **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, SFTError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from e
+        raise SFTError(f"could not build <{node.get('_target_')}>: {e}") from e

@@ -89,13 +89,13 @@ def _make_splits(train_base, test_base, classes, val_size, split_seed, transform
 
 
 def _skip_checksums(cls):
-    # torchvision's CIFAR classes compare md5s in _check_integrity(); a user-made copy (a subset, a
-    # re-pickled file) fails it. This subclass accepts any copy whose files are all present.
-    def files_present(self):
-        folder = Path(self.root) / self.base_folder
-        return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
-
-    return type(f"Unverified{cls.__name__}", (cls,), {"_check_integrity": files_present})
+    # torchvision's CIFAR classes compare every file with the official md5 (a user's subset or re-pickled
+    # copy fails); its check_integrity() treats an md5 of None as "the file exists", so clear them.
+    return type(f"Unverified{cls.__name__}", (cls,), {
+        "train_list": [[name, None] for name, _ in cls.train_list],
+        "test_list": [[name, None] for name, _ in cls.test_list],
+        "meta": {**cls.meta, "md5": None},
+    })
 
 
 def torchvision_dataset(name: str, root: str, download: bool, verify: bool, val_size: float | int,
@@ -106,7 +106,7 @@ def torchvision_dataset(name: str, root: str, download: bool, verify: bool, val_
     if cls is None:
         raise SFTError(f"dataset.name={name!r} is not a torchvision.datasets class (e.g. CIFAR10, CIFAR100, "
                        "MNIST, FashionMNIST)")
-    if not verify and hasattr(cls, "_check_integrity"):
+    if not verify and hasattr(cls, "train_list"):
         cls = _skip_checksums(cls)
     root = to_absolute_path(root)
     try:
@@ -114,7 +114,7 @@ def torchvision_dataset(name: str, root: str, download: bool, verify: bool, val_
     except (OSError, RuntimeError) as e:  # URLError is an OSError; "Dataset not found" a RuntimeError
         folder = Path(root) / getattr(cls, "base_folder", "")
         hint = " A local copy whose checksums differ from the official files loads with dataset.verify=false." \
-            if verify and folder.is_dir() and hasattr(cls, "_check_integrity") else ""
+            if verify and folder.is_dir() and hasattr(cls, "train_list") else ""
         raise SFTError(f"could not load {name} from dataset.root={root} ({type(e).__name__}: {e}). "
                        f"Put the official files in {folder} (or point dataset.root at the folder that holds "
                        f"them), or run once with network access and dataset.download=true.{hint}") from e

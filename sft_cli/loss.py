@@ -34,3 +34,10 @@ class L2SP:
         named = dict(model.named_parameters())
         return self.weight * sum((named[n] - p0).pow(2).sum() for n, p0 in self.start.items()
                                  if named[n].requires_grad)
+
+
+def cross_entropy(cfg, train_targets: list[int], num_classes: int, device: torch.device) -> nn.CrossEntropyLoss:
+    """The task loss from configs/loss/: label smoothing and class weights (computed on the train split)."""
+    weights = class_weights(cfg.class_weights, train_targets, num_classes)
+    return nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
+                               label_smoothing=cfg.label_smoothing)

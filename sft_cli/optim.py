@@ -3,10 +3,10 @@
 
 import math
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim import Optimizer
+from sft_cli.config import build
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
 
 
@@ -29,7 +29,7 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, head: str) -> Optimizer:
     kwargs = OmegaConf.to_container(cfg, resolve=True)
     head_lr = kwargs.pop("head_lr", None)
     groups = param_groups(model, head, kwargs["lr"], kwargs.get("weight_decay", 0.0), head_lr)
-    return instantiate(kwargs, params=groups, _convert_="all")
+    return build(OmegaConf.create(kwargs), params=groups)
 
 
 def _warmup_then(optimizer, warmup_steps: int, after) -> LambdaLR:

@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
@@ -42,7 +41,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
 
     # Data
     log.info(f"dataset <{cfg.dataset._target_}>")
-    splits = instantiate(cfg.dataset, _convert_="all")
+    splits = config.build(cfg.dataset)
     classes = splits.classes
     train_loader = make_loader(splits.train, t.batch_size, t.num_workers, device, shuffle=True)
     eval_batch = t.eval_batch_size or 2 * t.batch_size
@@ -52,22 +51,20 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
 
     # Model and freezing: the policy says which stages train in each epoch
     log.info(f"model <{cfg.model._target_}> {cfg.model.get('name', '')} (weights: {cfg.model.get('weights')})")
-    model = instantiate(cfg.model, num_classes=len(classes), _convert_="all").to(device)
+    model = config.build(cfg.model, num_classes=len(classes)).to(device)
     head, stages = models.head_name(model), model.sft_stages
-    policy = instantiate(cfg.freeze)
+    policy = config.build(cfg.freeze)
     frozen = policy.frozen(stages, head, epoch=0)
     freeze.apply(model, stages, frozen)
     console.print_stages(freeze.parameter_counts(model, stages))
 
     # Loss, optimizer and lr schedule
-    weights = loss.class_weights(cfg.loss.class_weights, splits.train_targets, len(classes))
-    criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
-                                    label_smoothing=cfg.loss.label_smoothing)
-    extra_loss = instantiate(cfg.loss.extra, model=model, head=head) if cfg.loss.extra else None
+    criterion = loss.cross_entropy(cfg.loss, splits.train_targets, len(classes), device)
+    extra_loss = config.build(cfg.loss.extra, model=model, head=head) if cfg.loss.extra else None
     optimizer = optim.build_optimizer(cfg.optimizer, model, head)
     steps_per_epoch = math.ceil(len(train_loader) / t.accumulate_grad_batches)
     total_steps = min(t.max_steps or math.inf, steps_per_epoch * t.max_epochs)
-    scheduler = instantiate(cfg.scheduler, optimizer, num_training_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    scheduler = config.build(cfg.scheduler, optimizer, num_training_steps=total_steps, steps_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "16-mixed")
 
     # Resume: weights, optimizer, schedule, RNG, counters and best metric from the checkpoint

@@ -1,0 +1,89 @@
+"""sft-eval: evaluate a checkpoint on the test (or val) split of its dataset, from the checkpoint alone.
+
+Writes eval.json (accuracy, macro-F1, per-class precision/recall/F1, confusion matrix) into its own
+output folder, never into the checkpoint's.
+"""
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from sft_cli import checkpoint, config, console, loss, runtime
+from sft_cli.errors import SFTError, not_one_of
+from sft_cli.train import evaluate, make_loader
+
+log = logging.getLogger("sft_cli.eval")
+
+
+def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
+    """Rebuild the checkpoint's data and model, evaluate one split, write eval.json into `out_dir`."""
+    ckpt = checkpoint.resolve(cfg.checkpoint)
+    if out_dir.resolve().is_relative_to(ckpt.resolve().parent):
+        raise SFTError(f"hydra.run.dir={out_dir} is inside the checkpoint folder {ckpt.resolve().parent}: "
+                       "sft-eval never writes there. Choose another hydra.run.dir.")
+    if cfg.split not in ("test", "val"):
+        raise SFTError(not_one_of("split", cfg.split, ("test", "val")))
+    meta = checkpoint.load_meta(ckpt)
+    device = runtime.pick_device(cfg.trainer.device)
+
+    splits = config.build(cfg.dataset)
+    if splits.classes != meta["classes"]:
+        raise SFTError(f"the dataset's classes {splits.classes} differ from the checkpoint's {meta['classes']}: "
+                       "evaluate on data with the same classes (check the dataset.* overrides).")
+    data = splits.test if cfg.split == "test" else splits.val
+    if data is None:
+        raise SFTError(f"dataset <{cfg.dataset._target_}> has no test split here: use split=val, or give the "
+                       "data a test split (for an image folder: root/test/<class>/).")
+
+    model = config.build(cfg.model, num_classes=len(meta["classes"]), weights=None)
+    checkpoint.load_weights(ckpt, model)
+    model.to(device)
+    criterion = loss.cross_entropy(cfg.loss, splits.train_targets, len(meta["classes"]), device)
+    batch = cfg.trainer.eval_batch_size or 2 * cfg.trainer.batch_size
+    loader = make_loader(data, batch, cfg.trainer.num_workers, device, shuffle=False)
+    result = evaluate(model, loader, criterion, device, cfg.trainer.precision, len(meta["classes"]))
+
+    report = {"checkpoint": str(ckpt.resolve()), "split": cfg.split, "samples": len(data),
+              "classes": meta["classes"], **result}
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
+    console.print_key_values(f"{cfg.split} split of {ckpt}", {k: result[k] for k in ("accuracy", "macro_f1", "loss")}
+                             | {"samples": len(data)})
+    console.print_class_report(meta["classes"], result)
+    log.info(f"wrote {out_dir / 'eval.json'}")
+    return report
+
+
+@hydra.main(config_path=config.find_config_dir(), config_name="eval", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+def _checkpoint_config(argv: list[str]) -> DictConfig:
+    """The config.yaml of the checkpoint named by a `checkpoint=` argument, for Hydra to compose under the
+    eval options; empty when there is none (Hydra then reports the missing key itself)."""
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("checkpoint=")]
+    if not given:
+        return OmegaConf.create({})
+    try:
+        return checkpoint.load_config(checkpoint.resolve(given[-1]))
+    except SFTError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def main() -> None:
+    ConfigStore.instance().store(name="_checkpoint_", node=_checkpoint_config(sys.argv[1:]))
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
