@@ -15,6 +15,7 @@ state.pt is read with torch.load(weights_only=True).
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def save(folder: Path, tags: list[str], model: nn.Module, state: dict, config: D
 
 def _remove_unreferenced(folder: Path) -> None:
     kept = {os.readlink(folder / tag) for tag in TAGS if (folder / tag).is_symlink()}
-    for path in folder.glob("step-*"):
+    for path in [*folder.glob("step-*"), *folder.glob(".step-*.tmp-*")]:  # the latter: left by a failed save
         if path.name not in kept:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -82,8 +83,8 @@ def _read(ckpt: Path, filename: str, reader):
                        "(checkpoints/best or checkpoints/last of the run).")
     try:
         return reader(path)
-    except (SafetensorError, RuntimeError, OSError, ValueError, EOFError, KeyError,
-            json.JSONDecodeError, TypeError) as e:
+    except (SafetensorError, RuntimeError, OSError, ValueError, EOFError, KeyError, TypeError,
+            json.JSONDecodeError, pickle.UnpicklingError) as e:  # weights_only=True refuses pickled objects
         raise SFTError(f"checkpoint file {path} is corrupt or not an sft-cli checkpoint "
                        f"({type(e).__name__}: {e}). Use another checkpoint of the run.") from e
 

@@ -68,9 +68,12 @@ def stratified_split(targets: list[int], size: float | int, seed: int) -> tuple[
     for c in sorted(set(targets)):
         members = [i for i, t in enumerate(targets) if t == c]
         members = [members[j] for j in torch.randperm(len(members), generator=generator)]
-        k = round(len(members) * fraction)
+        k = min(round(len(members) * fraction), len(members) - 1)  # never take a class out of training
         held_out += members[:k]
         keep += members[k:]
+    if not held_out:
+        raise SFTError(f"dataset.val_size={size} holds out no image of {n} ({len(set(targets))} classes): "
+                       "raise it, e.g. dataset.val_size=0.2")
     return sorted(keep), sorted(held_out)
 
 

@@ -60,6 +60,4 @@ class MetricsFiles:
 
 
 def _csv_value(value) -> str:
-    if value is None:
-        return ""
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
+    return "" if value is None else str(value)  # str(float) round-trips exactly

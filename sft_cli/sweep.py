@@ -15,12 +15,14 @@ COLUMNS = ["rank", "run", "overrides", "monitor", "best_value", "test_accuracy",
 
 def collect(sweep_dir: Path) -> list[dict]:
     """One row per run folder under `sweep_dir`, best first; runs without summary.json rank last as failed."""
+    runs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=lambda p: (len(p.name), p.name))
+    overrides = {run: list(OmegaConf.load(run / ".hydra" / "overrides.yaml")) for run in runs}
+    shared = set.intersection(*(set(o) for o in overrides.values())) if runs else set()
     rows = []
-    for run in sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()):
-        overrides_file = run / ".hydra" / "overrides.yaml"
-        overrides = " ".join(OmegaConf.load(overrides_file)) if overrides_file.is_file() else ""
+    for run in runs:
         row = dict.fromkeys(COLUMNS, "")
-        row.update(run=run.name, overrides=overrides, status="failed (no summary.json)")
+        row.update(run=run.name, status="failed (no summary.json)",
+                   overrides=" ".join(o for o in overrides[run] if o not in shared))  # what sets it apart
         if (run / "summary.json").is_file():
             s = json.loads((run / "summary.json").read_text())
             test = s.get("test") or {}

@@ -1,0 +1,43 @@
+"""Run the real console scripts (sft-train, sft-eval) in a temp folder, offline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+# The quickstart (ResNet-18 on digits), made cheaper with 16x16 inputs.
+FAST = ["+experiment=quickstart", "dataset.transforms.image_size=16", "trainer.progress_bar=false"]
+
+
+def run_cli(command: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 300,
+            ) -> subprocess.CompletedProcess:
+    """Run `command args...` as a user would; every URL fails at once (a dead proxy), so nothing downloads."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "NO_PROXY", "no_proxy")}
+    full_env.update({"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+                     "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+                     "TORCH_HOME": str(cwd / "torch_home"), "COLUMNS": "200", **(env or {})})
+    result = subprocess.run([str(BIN / command), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                            timeout=timeout)
+    result.output = result.stdout + result.stderr
+    return result
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.output[-3000:]
+    return result
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    """One finished 3-epoch run of the (cheapened) quickstart, shared by the tests of a module."""
+    cwd = tmp_path_factory.mktemp("quick")
+    ok(run_cli("sft-train", *FAST, "trainer.max_epochs=3", "hydra.run.dir=run", cwd=cwd))
+    return cwd / "run"

@@ -1,0 +1,161 @@
+"""sft-train and sft-eval as a user runs them: learning, artefacts, resume, sweeps, evaluation."""
+
+import csv
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torchvision import models
+
+from conftest import BIN, FAST, ok, read_json, run_cli
+from fixtures import write_cifar10, write_image_folder
+
+
+def test_quickstart_learns_and_leaves_every_artefact(quick_run: Path):
+    summary = read_json(quick_run / "summary.json")
+    assert summary["status"] == "completed" and summary["epochs"] == 3
+    assert summary["test"]["accuracy"] > 0.5, summary  # 10 classes: chance is 0.1
+    assert summary["best_value"] > 0.5 and 1 <= summary["best_epoch"] <= 3
+    assert summary["trainable_params"] == summary["total_params"] > 0 and summary["device"] == "cpu"
+    assert summary["wall_time_s"] > 0
+
+    assert (quick_run / ".hydra" / "config.yaml").is_file()
+    records = [read_json_line(line) for line in (quick_run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    assert len(val) == 3 and len(train) >= 3
+    for r in train:
+        assert {"epoch", "step", "loss", "accuracy", "macro_f1", "lr", "samples_per_s", "elapsed"} <= r.keys()
+        assert r["samples_per_s"] > 0 and 0 <= r["accuracy"] <= 1
+    assert [r["epoch"] for r in val] == [1, 2, 3]
+    with open(quick_run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and all(r["val_accuracy"] for r in rows)
+    assert max(float(r["val_accuracy"]) for r in rows) == summary["best_value"]
+
+    # best and last are complete checkpoints; the weights load without sft-cli
+    for tag in ("last", "best"):
+        ckpt = quick_run / "checkpoints" / tag
+        assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "state.pt", "config.yaml", "meta.json"}
+    assert read_json(quick_run / "checkpoints" / "last" / "meta.json")["epoch"] == 3
+    assert read_json(quick_run / "checkpoints" / "best" / "meta.json")["epoch"] == summary["best_epoch"]
+    plain = models.resnet18(num_classes=10)
+    plain.load_state_dict(load_file(quick_run / "checkpoints" / "best" / "model.safetensors"))
+    state = torch.load(quick_run / "checkpoints" / "last" / "state.pt", weights_only=True)
+    assert state["epoch"] == 3 and state["step"] == summary["steps"] and "optimizer" in state
+
+
+def read_json_line(line: str) -> dict:
+    import json
+    return json.loads(line)
+
+
+def test_eval_reproduces_the_test_metrics_from_the_checkpoint_alone(quick_run: Path, tmp_path: Path):
+    result = ok(run_cli("sft-eval", f"checkpoint={quick_run / 'checkpoints' / 'best'}", "hydra.run.dir=ev",
+                        cwd=tmp_path))
+    report = read_json(tmp_path / "ev" / "eval.json")
+    test = read_json(quick_run / "summary.json")["test"]
+    assert report["accuracy"] == test["accuracy"] and report["macro_f1"] == test["macro_f1"]
+    assert report["samples"] == sum(report["support"]) == sum(map(sum, report["confusion"]))
+    assert "confusion matrix" in result.output and "precision" in result.output
+    assert not any(p.name == "eval.json" for p in quick_run.rglob("*"))  # never written into the run
+
+
+def test_resume_after_a_kill_ends_bitwise_equal_to_an_uninterrupted_run(quick_run: Path, tmp_path: Path):
+    args = [*FAST, "trainer.max_epochs=3"]
+    # quick_run is the uninterrupted run. Kill an identical one right after its first epoch's checkpoint.
+    env = {**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9", "TORCH_HOME": str(tmp_path / "torch")}
+    proc = subprocess.Popen([str(BIN / "sft-train"), *args, "hydra.run.dir=killed"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    last = tmp_path / "killed" / "checkpoints" / "last"
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = read_json(last / "meta.json")["epoch"]
+    assert killed_at < 3, "the run finished before it could be killed"
+
+    ok(run_cli("sft-train", *args, "resume=killed", "hydra.run.dir=resumed", cwd=tmp_path))
+    resumed = load_file(tmp_path / "resumed" / "checkpoints" / "last" / "model.safetensors")
+    straight = load_file(quick_run / "checkpoints" / "last" / "model.safetensors")
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight), "weights differ after resume"
+
+    def metric_rows(run: Path) -> list[dict]:
+        with open(run / "metrics.csv") as f:
+            return [{k: v for k, v in r.items() if k not in ("elapsed", "train_samples_per_s")}
+                    for r in csv.DictReader(f)]
+
+    assert metric_rows(tmp_path / "resumed") == metric_rows(quick_run)
+    a, b = read_json(tmp_path / "resumed" / "summary.json"), read_json(quick_run / "summary.json")
+    assert (a["best_value"], a["best_epoch"], a["test"]) == (b["best_value"], b["best_epoch"], b["test"])
+    assert (tmp_path / "killed" / "checkpoints" / "last" / "model.safetensors").is_file()  # source untouched
+
+
+def test_multirun_grid_makes_four_runs_and_a_ranked_summary(tmp_path: Path):
+    result = ok(run_cli("sft-train", "-m", *FAST, "trainer.max_steps=6", "optimizer.lr=0.1,0.01",
+                        "freeze=none,head_only", "hydra.sweep.dir=sweep", cwd=tmp_path))
+    runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name for p in runs] == ["0", "1", "2", "3"]
+    assert all((p / "summary.json").is_file() and (p / "checkpoints" / "best").is_dir() for p in runs)
+    with open(tmp_path / "sweep" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    values = [float(r["best_value"]) for r in rows]
+    assert len(rows) == 4 and values == sorted(values, reverse=True)
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4"]
+    assert {r["overrides"] for r in rows} == {f"optimizer.lr={lr} freeze={f}" for lr in ("0.1", "0.01")
+                                              for f in ("none", "head_only")}
+    assert (tmp_path / "sweep" / "summary.md").read_text().count("\n") == 6
+    assert "sweep ranked by val/accuracy" in result.output
+    head_only = next(p for p in runs if "freeze=head_only" in (p / ".hydra" / "overrides.yaml").read_text())
+    s = read_json(head_only / "summary.json")
+    assert s["trainable_params"] < s["total_params"] / 10
+
+
+def test_cifar_copy_with_other_checksums_trains_when_verify_is_off(tmp_path: Path):
+    write_cifar10(tmp_path / "cifar", n_train=300, n_test=70)
+    common = ["+experiment=cifar10_resnet18", f"dataset.root={tmp_path / 'cifar'}", "dataset.download=false",
+              "dataset.val_size=50", "model.weights=null", "trainer.max_epochs=2", "trainer.batch_size=32",
+              "trainer.num_workers=0", "model.small_input_stem=false", "trainer.progress_bar=false"]
+    refused = run_cli("sft-train", *common, "hydra.run.dir=a", cwd=tmp_path)
+    assert refused.returncode == 1 and "dataset.verify=false" in refused.output
+    ok(run_cli("sft-train", *common, "dataset.verify=false", "hydra.run.dir=b", cwd=tmp_path))
+    summary = read_json(tmp_path / "b" / "summary.json")
+    meta = read_json(tmp_path / "b" / "checkpoints" / "best" / "meta.json")
+    assert meta["classes"][:2] == ["airplane", "automobile"] and len(meta["classes"]) == 10
+    assert summary["test"] is not None and summary["steps"] == 2 * 8  # 250 train images / 32 per batch
+
+
+def test_image_folder_with_pretrained_weights_from_the_hub_cache(tmp_path: Path):
+    """ImageNet weights already in $TORCH_HOME/hub/checkpoints load offline (here: an untrained stand-in
+    saved under the real file name), and a head-only run changes nothing but the head."""
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.manual_seed(0)
+    pretrained = models.resnet18()
+    torch.save(pretrained.state_dict(), hub / "resnet18-f37072fd.pth")
+    write_image_folder(tmp_path / "pets", ["cat", "dog", "fox"], per_class=12, size=40)
+    ok(run_cli("sft-train", "+experiment=image_folder", f"dataset.root={tmp_path / 'pets'}", "freeze=head_only",
+               "dataset.transforms.image_size=32", "dataset.transforms.eval_resize=36", "trainer.max_epochs=2",
+               "trainer.batch_size=8", "trainer.num_workers=0", "trainer.progress_bar=false",
+               "hydra.run.dir=run", cwd=tmp_path))
+    tuned = load_file(tmp_path / "run" / "checkpoints" / "last" / "model.safetensors")
+    original = pretrained.state_dict()
+    for key, value in tuned.items():
+        if key.startswith("fc."):
+            assert value.shape[0] == 3
+        else:  # frozen stages, BatchNorm running statistics included
+            assert torch.equal(value, original[key]), key
+    assert read_json(tmp_path / "run" / "summary.json")["test"] is None  # no test/ folder: no test split
+
+    # sft-eval on a folder whose classes differ from the checkpoint's is refused, naming both
+    write_image_folder(tmp_path / "other", ["cat", "dog", "wolf"], per_class=4, size=40)
+    result = run_cli("sft-eval", f"checkpoint={tmp_path / 'run'}", f"dataset.root={tmp_path / 'other'}",
+                     "split=val", cwd=tmp_path)
+    assert result.returncode == 1 and "wolf" in result.output and "fox" in result.output
+    assert "Traceback" not in result.output
