@@ -55,8 +55,17 @@ ConfigStore.instance().store(group="trainer", name="schema", node=TrainerSchema)
 OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), replace=True)
 
 
+def require(cfg: DictConfig) -> None:
+    """Raise an SFTError naming every mandatory key (`???` in the YAML) that has no value yet."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise SFTError("missing required values: " + ", ".join(missing) + ". Set them on the command line, e.g. "
+                       + " ".join(f"{key}=..." for key in missing))
+
+
 def check(cfg: DictConfig) -> None:
     """Raise one SFTError listing every problem in cfg that can be seen before data or weights load."""
+    require(cfg)
     t = cfg.trainer
     problems = []
     if t.precision not in PRECISIONS:

@@ -6,14 +6,9 @@ output folder, never into the checkpoint's.
 
 import json
 import logging
-import os
-import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sft_cli import checkpoint, config, console, loss, runtime
 from sft_cli.errors import SFTError, not_one_of
@@ -24,6 +19,7 @@ log = logging.getLogger("sft_cli.eval")
 
 def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
     """Rebuild the checkpoint's data and model, evaluate one split, write eval.json into `out_dir`."""
+    config.require(cfg)
     ckpt = checkpoint.resolve(cfg.checkpoint)
     if out_dir.resolve().is_relative_to(ckpt.resolve().parent):
         raise SFTError(f"hydra.run.dir={out_dir} is inside the checkpoint folder {ckpt.resolve().parent}: "
@@ -58,32 +54,3 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
     console.print_class_report(meta["classes"], result)
     log.info(f"wrote {out_dir / 'eval.json'}")
     return report
-
-
-@hydra.main(config_path=config.find_config_dir(), config_name="eval", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir))
-
-
-def _checkpoint_config(argv: list[str]) -> DictConfig:
-    """The config.yaml of the checkpoint named by a `checkpoint=` argument, for Hydra to compose under the
-    eval options; empty when there is none (Hydra then reports the missing key itself)."""
-    given = [a.split("=", 1)[1] for a in argv if a.startswith("checkpoint=")]
-    if not given:
-        return OmegaConf.create({})
-    try:
-        return checkpoint.load_config(checkpoint.resolve(given[-1]))
-    except SFTError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"Error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-def main() -> None:
-    ConfigStore.instance().store(name="_checkpoint_", node=_checkpoint_config(sys.argv[1:]))
-    _hydra_main()
-
-
-if __name__ == "__main__":
-    main()

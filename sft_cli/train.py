@@ -12,9 +12,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
@@ -265,10 +263,7 @@ def resume(path, run_dir: Path, classes, model, optimizer, scheduler, scaler) ->
                                                    "elapsed")})
 
 
-@hydra.main(config_path=config.find_config_dir(), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    return train(cfg, Path(HydraConfig.get().runtime.output_dir))
+if __name__ == "__main__":  # python -m sft_cli.train ... (as torchrun launches it) is sft-train
+    from sft_cli.cli import train_main
 
-
-if __name__ == "__main__":
-    main()
+    train_main()

@@ -35,9 +35,9 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def quick_run(tmp_path_factory) -> Path:
-    """One finished 3-epoch run of the (cheapened) quickstart, shared by the tests of a module."""
+    """One finished 3-epoch run of the (cheapened) quickstart, shared by every test that reads one."""
     cwd = tmp_path_factory.mktemp("quick")
     ok(run_cli("sft-train", *FAST, "trainer.max_epochs=3", "hydra.run.dir=run", cwd=cwd))
     return cwd / "run"

@@ -154,7 +154,7 @@ def test_image_folder_with_pretrained_weights_from_the_hub_cache(tmp_path: Path)
     assert read_json(tmp_path / "run" / "summary.json")["test"] is None  # no test/ folder: no test split
 
     # sft-eval on a folder whose classes differ from the checkpoint's is refused, naming both
-    write_image_folder(tmp_path / "other", ["cat", "dog", "wolf"], per_class=4, size=40)
+    write_image_folder(tmp_path / "other", ["cat", "dog", "wolf"], per_class=10, size=40)
     result = run_cli("sft-eval", f"checkpoint={tmp_path / 'run'}", f"dataset.root={tmp_path / 'other'}",
                      "split=val", cwd=tmp_path)
     assert result.returncode == 1 and "wolf" in result.output and "fox" in result.output

@@ -1,0 +1,84 @@
+"""Every user mistake gives one clear message naming the key or path, exit code 1, no traceback,
+and nothing already on disk is changed."""
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, run_cli
+
+
+def refused(result, *expected: str) -> None:
+    assert result.returncode == 1, result.output[-2000:]
+    assert "Traceback" not in result.output, result.output[-3000:]
+    for text in expected:
+        assert text in result.output, f"{text!r} not in:\n{result.output[-2000:]}"
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["optimizer=rmsprop"], ["optimizer/rmsprop", "adamw"]),                      # bad group option: lists options
+    (["trainer.epochs=3"], ["trainer.epochs", "Key 'epochs' not in"]),            # unknown key
+    (["trainer.max_epochs=ten"], ["trainer.max_epochs", "could not be converted to Integer"]),  # wrong type
+    (["trainer.monitor=val/acc", "trainer.precision=fp16", "resume=/no/such/run"],  # all problems at once
+     ["trainer.monitor='val/acc' is not one of: val/accuracy", "trainer.precision='fp16'", "resume='/no/such/run'"]),
+    (["freeze=lower", "freeze.until=layer9"], ["freeze.until='layer9' is not one of: stem, layer1"]),
+    (["model.name=resnet1800"], ["model.name='resnet1800' is not one of", "resnet18"]),
+    (["model.weights=/no/such/weights.pth"], ["model.weights=/no/such/weights.pth does not exist"]),
+    (["model.weights=IMAGENET1K_V9"], ["model.weights='IMAGENET1K_V9' is not one of: IMAGENET1K_V1"]),
+])
+def test_config_mistakes(tmp_path: Path, overrides, expected):
+    refused(run_cli("sft-train", *FAST, *overrides, cwd=tmp_path), *expected)
+
+
+def test_cuda_asked_for_without_a_gpu(tmp_path: Path):
+    result = run_cli("sft-train", *FAST, "trainer.device=cuda", cwd=tmp_path, env={"CUDA_VISIBLE_DEVICES": ""})
+    refused(result, "trainer.device=cuda but no CUDA GPU is visible", "trainer.device=cpu")
+
+
+def test_offline_dataset_download_says_where_to_put_the_files(tmp_path: Path):
+    result = run_cli("sft-train", "+experiment=cifar10_resnet18", f"dataset.root={tmp_path / 'nothing'}", cwd=tmp_path)
+    refused(result, f"dataset.root={tmp_path / 'nothing'}", str(tmp_path / "nothing" / "cifar-10-batches-py"))
+
+
+def test_offline_pretrained_weights_say_where_the_file_goes(tmp_path: Path):
+    result = run_cli("sft-train", *FAST, "model.weights=IMAGENET1K_V1", cwd=tmp_path)
+    refused(result, str(tmp_path / "torch_home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"),
+            "model.weights=null")
+
+
+def test_missing_checkpoint(tmp_path: Path):
+    refused(run_cli("sft-eval", "checkpoint=/no/such/run", cwd=tmp_path), "checkpoint '/no/such/run' does not exist")
+    refused(run_cli("sft-eval", cwd=tmp_path), "checkpoint")
+
+
+def digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_corrupt_checkpoint_is_named_and_nothing_is_overwritten(quick_run: Path, tmp_path: Path):
+    copy = tmp_path / "copy"
+    shutil.copytree(quick_run, copy, symlinks=True)
+    weights = copy / "checkpoints" / "last" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # as if the disk filled up mid-copy
+    before = digest(copy)
+    refused(run_cli("sft-eval", f"checkpoint={copy}", cwd=tmp_path), str(weights.parent), "corrupt")
+    refused(run_cli("sft-train", *FAST, f"resume={copy}", cwd=tmp_path), "corrupt")
+    assert digest(copy) == before
+
+
+def test_resume_with_another_architecture_is_refused(quick_run: Path, tmp_path: Path):
+    before = digest(quick_run)
+    result = run_cli("sft-train", *FAST, "model.name=resnet34", f"resume={quick_run}", cwd=tmp_path)
+    refused(result, "do not fit the configured model", "model.name")
+    assert digest(quick_run) == before
+
+
+def test_a_run_folder_that_holds_a_run_is_never_reused(quick_run: Path, tmp_path: Path):
+    before = digest(quick_run)
+    result = run_cli("sft-train", *FAST, f"hydra.run.dir={quick_run}", cwd=tmp_path)
+    refused(result, f"{quick_run} already holds a run")
+    after = {k: v for k, v in digest(quick_run).items() if not k.startswith(".hydra") and k != "train.log"}
+    assert after == {k: v for k, v in before.items() if not k.startswith(".hydra") and k != "train.log"}
