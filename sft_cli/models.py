@@ -53,7 +53,8 @@ def torchvision_classifier(name: str, num_classes: int, weights: str | None = No
                            stem: list[str] = (), expand: list[str] = ()) -> nn.Module:
     """Any classification model in torchvision.models by name, pretrained or not, with a new head.
 
-    The returned model carries `sft_stages`, the stages freeze policies act on (see freeze.stage_names).
+    The returned model carries `sft_stages`, the stages freeze policies act on (see freeze.stage_names),
+    and `sft_new_stages`, those made here from scratch (the head, a small-input stem): never frozen.
     """
     available = models.list_models(module=models)
     if name not in available:
@@ -65,12 +66,17 @@ def torchvision_classifier(name: str, num_classes: int, weights: str | None = No
     head = head_name(model)
     old = model.get_submodule(head)
     model.set_submodule(head, nn.Linear(old.in_features, num_classes))
+    created = {head}
     if small_input_stem:
-        if not hasattr(model, "conv1") or not hasattr(model, "maxpool"):
-            raise SFTError(f"model.small_input_stem=true needs a ResNet-style model (conv1 + maxpool); {name} has "
-                           "none. Upsample instead: dataset.transforms.image_size=224")
+        if not all(hasattr(model, m) for m in ("conv1", "bn1", "maxpool")):
+            raise SFTError(f"model.small_input_stem=true needs a ResNet-style model (conv1, bn1, maxpool); {name} "
+                           "has none. Upsample instead: dataset.transforms.image_size=224")
         # 3x3 stride 1 and no max-pool keep a 32x32 input at 32x32 in layer1 (the standard CIFAR ResNet stem).
+        # bn1 starts afresh too: its pretrained statistics describe the old 7x7 convolution's outputs.
         model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        model.bn1 = nn.BatchNorm2d(model.conv1.out_channels)
         model.maxpool = nn.Identity()
+        created |= {"conv1", "bn1"}
     model.sft_stages = stage_names(model, stem, expand)
+    model.sft_new_stages = [name for name, members in model.sft_stages if set(members) <= created]
     return model

@@ -52,7 +52,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     model = config.build(cfg.model, num_classes=len(classes)).to(device)
     head, stages = models.head_name(model), model.sft_stages
     policy = config.build(cfg.freeze)
-    frozen = policy.frozen(stages, head, epoch=0)
+
+    def frozen_at(epoch: int) -> list[str]:  # layers created from scratch (the new head, a new stem) always train
+        return [s for s in policy.frozen(stages, head, epoch) if s not in model.sft_new_stages]
+
+    frozen = frozen_at(0)
     freeze.apply(model, stages, frozen)
     console.print_stages(freeze.parameter_counts(model, stages))
 
@@ -75,7 +79,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     sign = 1 if t.mode == "max" else -1
     stopped_early = False
     for epoch in range(state.epoch, t.max_epochs):
-        if (now_frozen := policy.frozen(stages, head, epoch)) != frozen:
+        if (now_frozen := frozen_at(epoch)) != frozen:
             log.info(f"epoch {epoch + 1}: unfreezing {sorted(set(frozen) - set(now_frozen))}")
             frozen = now_frozen
         freeze.apply(model, stages, frozen)

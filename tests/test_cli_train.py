@@ -117,35 +117,49 @@ def test_multirun_grid_makes_four_runs_and_a_ranked_summary(tmp_path: Path):
     assert s["trainable_params"] < s["total_params"] / 10
 
 
-def test_cifar_copy_with_other_checksums_trains_when_verify_is_off(tmp_path: Path):
-    write_cifar10(tmp_path / "cifar", n_train=300, n_test=70)
-    common = ["+experiment=cifar10_resnet18", f"dataset.root={tmp_path / 'cifar'}", "dataset.download=false",
-              "dataset.val_size=50", "model.weights=null", "trainer.max_epochs=2", "trainer.batch_size=32",
-              "trainer.num_workers=0", "model.small_input_stem=false", "trainer.progress_bar=false"]
+def fake_imagenet_resnet18(torch_home: Path) -> dict:
+    """An untrained ResNet-18 saved where torchvision looks for the ImageNet weights (offline stand-in)."""
+    hub = torch_home / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.manual_seed(0)
+    state = models.resnet18().state_dict()
+    torch.save(state, hub / "resnet18-f37072fd.pth")
+    return state
+
+
+def test_cifar10_resnet18_linear_probe_on_a_local_copy_with_other_checksums(tmp_path: Path):
+    """The issue's command on a CIFAR copy whose md5s differ: refused until verify=false; then head_only
+    keeps every pretrained stage bitwise (BN statistics included) while the new 3x3 stem and head train."""
+    pretrained = fake_imagenet_resnet18(tmp_path / "torch_home")
+    write_cifar10(tmp_path / "cifar", n_train=200, n_test=70)
+    common = ["+experiment=cifar10_resnet18", "optimizer=adamw", "optimizer.lr=3e-4", "freeze=head_only",
+              "trainer.max_epochs=1", f"dataset.root={tmp_path / 'cifar'}", "dataset.download=false",
+              "dataset.val_size=50", "trainer.batch_size=32", "trainer.num_workers=0", "trainer.progress_bar=false"]
     refused = run_cli("sft-train", *common, "hydra.run.dir=a", cwd=tmp_path)
     assert refused.returncode == 1 and "dataset.verify=false" in refused.output
     ok(run_cli("sft-train", *common, "dataset.verify=false", "hydra.run.dir=b", cwd=tmp_path))
     summary = read_json(tmp_path / "b" / "summary.json")
     meta = read_json(tmp_path / "b" / "checkpoints" / "best" / "meta.json")
     assert meta["classes"][:2] == ["airplane", "automobile"] and len(meta["classes"]) == 10
-    assert summary["test"] is not None and summary["steps"] == 2 * 8  # 250 train images / 32 per batch
+    assert summary["test"] is not None and summary["steps"] == 5  # 150 train images / 32 per batch
+    tuned = load_file(tmp_path / "b" / "checkpoints" / "last" / "model.safetensors")
+    assert tuned["conv1.weight"].shape == (64, 3, 3, 3)
+    for key, value in tuned.items():
+        if key.startswith("layer"):
+            assert torch.equal(value, pretrained[key]), key
+    assert summary["trainable_params"] == 64 * 27 + 2 * 64 + 512 * 10 + 10  # new conv1, bn1 and fc only
 
 
 def test_image_folder_with_pretrained_weights_from_the_hub_cache(tmp_path: Path):
     """ImageNet weights already in $TORCH_HOME/hub/checkpoints load offline (here: an untrained stand-in
     saved under the real file name), and a head-only run changes nothing but the head."""
-    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
-    hub.mkdir(parents=True)
-    torch.manual_seed(0)
-    pretrained = models.resnet18()
-    torch.save(pretrained.state_dict(), hub / "resnet18-f37072fd.pth")
+    original = fake_imagenet_resnet18(tmp_path / "torch_home")
     write_image_folder(tmp_path / "pets", ["cat", "dog", "fox"], per_class=12, size=40)
     ok(run_cli("sft-train", "+experiment=image_folder", f"dataset.root={tmp_path / 'pets'}", "freeze=head_only",
                "dataset.transforms.image_size=32", "dataset.transforms.eval_resize=36", "trainer.max_epochs=2",
                "trainer.batch_size=8", "trainer.num_workers=0", "trainer.progress_bar=false",
                "hydra.run.dir=run", cwd=tmp_path))
     tuned = load_file(tmp_path / "run" / "checkpoints" / "last" / "model.safetensors")
-    original = pretrained.state_dict()
     for key, value in tuned.items():
         if key.startswith("fc."):
             assert value.shape[0] == 3
