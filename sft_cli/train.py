@@ -134,7 +134,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                "epochs": state.epoch, "steps": state.step, "test": test,
                "wall_time_s": round(time.perf_counter() - started, 2), "device": str(device),
                "trainable_params": sum(r[1] for r in counts), "total_params": sum(r[2] for r in counts),
-               "checkpoint": str(best_dir.resolve()), "run_dir": str(run_dir.resolve())}
+               "checkpoint": str(best_dir.absolute()), "run_dir": str(run_dir.absolute())}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print_key_values("summary", {k: v for k, v in summary.items() if k not in ("test", "run_dir")}
                              | {f"test {k}": v for k, v in (test or {}).items()})
