@@ -14,40 +14,76 @@ from sft_cli import config
 from sft_cli.errors import SFTError
 
 
-@hydra.main(config_path=config.find_config_dir(), config_name="train", version_base="1.3")
-def train_main(cfg: DictConfig) -> float:
-    """sft-train: returns the best monitored value, which Hydra sweepers optimise."""
-    config.check(cfg)
-    from sft_cli.train import train  # torch and torchvision load here, once the config is known to be good
+def train_main() -> None:
+    """sft-train (and `python -m sft_cli.train`, as torchrun starts it)."""
+    _refuse_used_run_dir(sys.argv[1:])
+    _train()
 
-    return train(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+def eval_main() -> None:
+    """sft-eval: the checkpoint's own config.yaml is put under the eval options before Hydra composes, so
+    any key of the training run can be overridden as `key=value` (dataset.root=..., trainer.device=...)."""
+    _refuse_used_run_dir(sys.argv[1:])
+    ConfigStore.instance().store(name="_checkpoint_", node=_checkpoint_config(_arg(sys.argv[1:], "checkpoint")))
+    _eval()
+
+
+@hydra.main(config_path=config.find_config_dir(), config_name="train", version_base="1.3")
+def _train(cfg: DictConfig) -> float:
+    config.check(cfg)  # train() checks too; this answers before torch loads
+    from sft_cli.train import train
+
+    return train(cfg, Path(HydraConfig.get().runtime.output_dir))  # sweepers optimise the returned value
 
 
 @hydra.main(config_path=config.find_config_dir(), config_name="eval", version_base="1.3")
-def _eval_main(cfg: DictConfig) -> None:
+def _eval(cfg: DictConfig) -> None:
     config.require(cfg)
     from sft_cli.eval import evaluate_checkpoint
 
     evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
-def eval_main() -> None:
-    """sft-eval: the checkpoint's own config.yaml is put under the eval options before Hydra composes, so
-    any key of the training run can be overridden as `key=value` (dataset.root=..., trainer.device=...)."""
-    ConfigStore.instance().store(name="_checkpoint_", node=_checkpoint_config(sys.argv[1:]))
-    _eval_main()
+def _arg(argv: list[str], key: str) -> str | None:
+    values = [a.split("=", 1)[1] for a in argv if a.startswith(f"{key}=")]
+    return values[-1] if values else None
 
 
-def _checkpoint_config(argv: list[str]) -> DictConfig:
-    given = [a.split("=", 1)[1] for a in argv if a.startswith("checkpoint=")]
-    if not given:
+def _fail(error: SFTError):
+    """Report an error found before Hydra starts the way Hydra reports it: one message, exit code 1."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    print(f"Error: {error}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _refuse_used_run_dir(argv: list[str]) -> None:
+    # Hydra writes .hydra/ and the log into the run folder before any code of ours runs (and ignores
+    # errors raised by its callbacks), so an explicit hydra.run.dir is checked here. The default folder,
+    # <time>_<pid>, is new by construction.
+    given = _arg(argv, "hydra.run.dir")
+    if given is None:
+        return
+    run_dir = Path(given).resolve()
+    used = [n for n in ("summary.json", "metrics.jsonl", "checkpoints", "eval.json") if (run_dir / n).exists()]
+    if used:
+        _fail(SFTError(f"hydra.run.dir={run_dir} already holds a run ({', '.join(used)}); it is left untouched. "
+                       "Leave hydra.run.dir at its default or choose an empty folder."))
+    ckpt = _arg(argv, "checkpoint")
+    if ckpt:
+        ckpt = Path(ckpt).resolve()
+        protected = [ckpt, ckpt / "checkpoints"] + ([ckpt.parent] if ckpt.parent.name == "checkpoints" else [])
+        if any(run_dir.is_relative_to(p) for p in protected):
+            _fail(SFTError(f"hydra.run.dir={run_dir} is inside the checkpoint {ckpt}: sft-eval never writes "
+                           "there. Leave hydra.run.dir at its default or choose another folder."))
+
+
+def _checkpoint_config(path: str | None) -> DictConfig:
+    if path is None:
         return OmegaConf.create({})  # Hydra then reports `checkpoint` as missing
     from sft_cli import checkpoint
 
     try:
-        return checkpoint.load_config(checkpoint.resolve(given[-1]))
-    except SFTError as e:  # Hydra is not running yet, so report as it would
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"Error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return checkpoint.load_config(checkpoint.resolve(path))
+    except SFTError as e:
+        _fail(e)

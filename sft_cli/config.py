@@ -74,6 +74,9 @@ def check(cfg: DictConfig) -> None:
         problems.append(not_one_of("trainer.monitor", t.monitor, MONITORS))
     if t.mode not in MODES:
         problems.append(not_one_of("trainer.mode", t.mode, MODES))
+    elif t.monitor in MONITORS and t.mode != ("min" if t.monitor == "val/loss" else "max"):
+        problems.append(f"trainer.mode={t.mode} would keep the worst {t.monitor} as best: set trainer.mode="
+                        f"{'min' if t.monitor == 'val/loss' else 'max'}")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device):
         problems.append(not_one_of("trainer.device", t.device, ("auto", "cpu", "cuda", "cuda:N", "mps")))
     for key in ("max_epochs", "batch_size", "accumulate_grad_batches", "val_every_n_epochs", "log_every_n_steps"):
@@ -109,3 +112,20 @@ def build(node: DictConfig, *args, **kwargs):
         if cause is not None:
             raise cause from e
         raise SFTError(f"could not build <{node.get('_target_')}>: {e}") from e
+
+
+def differences(old: DictConfig, new: DictConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """`key: old -> new` for every leaf that differs between two configs (for resume's report)."""
+    def leaves(node, prefix=""):
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                out |= leaves(value, f"{prefix}{key}.")
+            return out
+        return {prefix[:-1]: node}
+
+    a = leaves(OmegaConf.to_container(old, resolve=True))
+    b = leaves(OmegaConf.to_container(new, resolve=True))
+    return [f"{key}: {a.get(key, '<absent>')!r} in the checkpoint, {b.get(key, '<absent>')!r} now"
+            for key in sorted(a.keys() | b.keys())
+            if a.get(key) != b.get(key) and key.split(".")[0] not in ignore]

@@ -60,6 +60,8 @@ def image_transforms(train: bool, image_size: int, train_crop: str, crop_padding
 def stratified_split(targets: list[int], size: float | int, seed: int) -> tuple[list[int], list[int]]:
     """Split indices into (keep, held_out), holding out `size` (a fraction or a count) of each class."""
     n = len(targets)
+    if not isinstance(size, (int, float)) or isinstance(size, bool):
+        raise SFTError(f"dataset.val_size={size!r} must be a fraction in (0, 1) or a count of images")
     fraction = size if isinstance(size, float) and size < 1 else size / n
     if not 0 < fraction < 1:
         raise SFTError(f"dataset.val_size={size} must be a fraction in (0, 1) or a count below {n}")

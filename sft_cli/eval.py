@@ -20,10 +20,7 @@ log = logging.getLogger("sft_cli.eval")
 def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
     """Rebuild the checkpoint's data and model, evaluate one split, write eval.json into `out_dir`."""
     config.require(cfg)
-    ckpt = checkpoint.resolve(cfg.checkpoint)
-    if out_dir.resolve().is_relative_to(ckpt.resolve().parent):
-        raise SFTError(f"hydra.run.dir={out_dir} is inside the checkpoint folder {ckpt.resolve().parent}: "
-                       "sft-eval never writes there. Choose another hydra.run.dir.")
+    ckpt = checkpoint.resolve(cfg.checkpoint)  # (callbacks.RunFolderGuard keeps out_dir out of it)
     if cfg.split not in ("test", "val"):
         raise SFTError(not_one_of("split", cfg.split, ("test", "val")))
     meta = checkpoint.load_meta(ckpt)

@@ -69,6 +69,8 @@ class Lower:
     """The stem and the lowest `n` stages above it are frozen, or every stage up to and including `until`."""
 
     def __init__(self, n: int = 2, until: str | None = None):
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise SFTError(f"freeze.n={n!r} must be a whole number of blocks (e.g. freeze.n=2)")
         self.n, self.until = n, until
 
     def frozen(self, stages: list[Stage], head: str, epoch: int) -> list[str]:
@@ -89,7 +91,7 @@ class Gradual:
     """Head-only at first, then one more stage unfrozen from the top every `every_n_epochs` epochs."""
 
     def __init__(self, every_n_epochs: int = 1):
-        if every_n_epochs < 1:
+        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise SFTError(f"freeze.every_n_epochs={every_n_epochs} must be at least 1")
         self.every_n_epochs = every_n_epochs
 

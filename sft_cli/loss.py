@@ -23,12 +23,15 @@ def class_weights(spec, targets: list[int], num_classes: int) -> torch.Tensor | 
 
 
 class L2SP:
-    """L2-SP (Li et al., 2018): weight x sum of squared distances of the backbone's parameters from their
-    values when this object was made (the pretrained ones). The new head is not pulled anywhere."""
+    """L2-SP (Li et al., 2018): weight x the summed squared distance of the pretrained parameters from
+    their values when this object was made (before training). Layers the model builder created from
+    scratch (model.sft_new_stages: the new head, a new stem) have no pretrained values and are not pulled."""
 
-    def __init__(self, model: nn.Module, head: str, weight: float):
+    def __init__(self, model: nn.Module, weight: float):
+        new = [m for name, members in model.sft_stages if name in model.sft_new_stages for m in members]
         self.weight = weight
-        self.start = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith(head + ".")}
+        self.start = {n: p.detach().clone() for n, p in model.named_parameters()
+                      if not any(n == m or n.startswith(m + ".") for m in new)}
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
         named = dict(model.named_parameters())

@@ -6,8 +6,9 @@ import math
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim import Optimizer
-from sft_cli.config import build
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
+
+from sft_cli.config import build
 
 
 def param_groups(model: nn.Module, head: str, lr: float, weight_decay: float, head_lr: float | None) -> list[dict]:

@@ -1,6 +1,7 @@
 """Device, seeding, mixed precision and RNG state: the few runtime facts the recipe needs."""
 
 import contextlib
+import os
 import random
 
 import torch
@@ -35,6 +36,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
     if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     else:
@@ -57,5 +59,5 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if len(state.get("cuda", [])) == torch.cuda.device_count() > 0:  # else saved on another GPU count: fresh
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -60,3 +60,4 @@ class SweepSummary(Callback):
         write(rows, sweep_dir)
         console.print_ranking(rows, [c for c in COLUMNS if c != "monitor"],
                               f"sweep ranked by {rows[0]['monitor'] if rows else ''} ({sweep_dir}/summary.md)")
+

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.optim.lr_scheduler import OneCycleLR, ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
 from sft_cli import checkpoint, config, console, freeze, loss, metrics, models, optim, runtime
@@ -36,6 +36,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     # Seed and device
     device = runtime.pick_device(t.device)
     runtime.seed_everything(cfg.seed, t.deterministic)
+    if device.type == "cpu" and t.precision != "32":
+        log.warning(f"trainer.precision={t.precision} on a CPU: most CPUs run it many times slower than 32")
 
     # Data
     log.info(f"dataset <{cfg.dataset._target_}>")
@@ -58,11 +60,12 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
 
     frozen = frozen_at(0)
     freeze.apply(model, stages, frozen)
-    console.print_stages(freeze.parameter_counts(model, stages))
+    counts = freeze.parameter_counts(model, stages)
+    console.print_stages(counts)
 
     # Loss, optimizer and lr schedule
     criterion = loss.cross_entropy(cfg.loss, splits.train_targets, len(classes), device)
-    extra_loss = config.build(cfg.loss.extra, model=model, head=head) if cfg.loss.extra else None
+    extra_loss = config.build(cfg.loss.extra, model=model) if cfg.loss.extra else None
     optimizer = optim.build_optimizer(cfg.optimizer, model, head)
     steps_per_epoch = math.ceil(len(train_loader) / t.accumulate_grad_batches)
     total_steps = min(t.max_steps or math.inf, steps_per_epoch * t.max_epochs)
@@ -72,13 +75,14 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     # Resume: weights, optimizer, schedule, RNG, counters and best metric from the checkpoint
     state = SimpleNamespace(epoch=0, step=0, best=None, best_epoch=None, bad_validations=0, elapsed=0.0)
     if cfg.resume:
-        state = resume(cfg.resume, run_dir, classes, model, optimizer, scheduler, scaler)
+        state = resume(cfg, run_dir, classes, model, optimizer, scheduler, scaler, total_steps)
     files = metrics.MetricsFiles(run_dir)
 
     # The epoch loop
-    sign = 1 if t.mode == "max" else -1
-    stopped_early = False
+    sign, patience = (1 if t.mode == "max" else -1), t.early_stopping_patience
     for epoch in range(state.epoch, t.max_epochs):
+        if state.step >= total_steps or (patience and state.bad_validations >= patience):
+            break  # max_steps reached or out of patience (also when resuming a run that had finished)
         if (now_frozen := frozen_at(epoch)) != frozen:
             log.info(f"epoch {epoch + 1}: unfreezing {sorted(set(frozen) - set(now_frozen))}")
             frozen = now_frozen
@@ -101,8 +105,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             else:
                 state.bad_validations += 1
             files.record({"epoch": state.epoch, "step": state.step, "split": "val",
-                          **{k: val[k] for k in ("loss", "accuracy", "macro_f1")},
-                          "elapsed": state.elapsed + time.perf_counter() - started})
+                          **{k: val[k] for k in ("loss", "accuracy", "macro_f1", "samples_per_s")},
+                          "lr": row["lr"], "elapsed": state.elapsed + time.perf_counter() - started})
             row.update({f"val_{k}": val[k] for k in ("loss", "accuracy", "macro_f1")})
             log.info(f"epoch {state.epoch}/{t.max_epochs}  train loss {train_stats['loss']:.4f} "
                      f"acc {train_stats['accuracy']:.4f} | val loss {val['loss']:.4f} acc {val['accuracy']:.4f} "
@@ -112,13 +116,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         files.epoch_row(row)
         save_checkpoint(run_dir, ["last", "best"] if improved else ["last"], model, optimizer, scheduler, scaler,
                         state, started, cfg, classes, row)
-        if t.early_stopping_patience and state.bad_validations >= t.early_stopping_patience:
-            log.info(f"early stopping: {t.monitor} has not improved for {state.bad_validations} validations")
-            stopped_early = True
-            break
-        if state.step >= total_steps:
-            break
     files.close()
+    stopped_early = bool(patience and state.bad_validations >= patience)
+    if stopped_early:
+        log.info(f"early stopping: {t.monitor} has not improved for {state.bad_validations} validations")
 
     # Test the best checkpoint on the held-out split
     best_dir = run_dir / "checkpoints" / "best"
@@ -128,11 +129,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         test_loader = make_loader(splits.test, eval_batch, t.num_workers, device, shuffle=False)
         test = evaluate(model, test_loader, criterion, device, t.precision, len(classes))
         test = {k: test[k] for k in ("loss", "accuracy", "macro_f1")}
-    counts = freeze.parameter_counts(model, stages)
     summary = {"name": cfg.name, "status": "early_stopped" if stopped_early else "completed",
                "monitor": t.monitor, "mode": t.mode, "best_value": state.best, "best_epoch": state.best_epoch,
                "epochs": state.epoch, "steps": state.step, "test": test,
-               "wall_time_s": round(time.perf_counter() - started, 2), "device": str(device),
+               "wall_time_s": round(state.elapsed + time.perf_counter() - started, 2), "device": str(device),
                "trainable_params": sum(r[1] for r in counts), "total_params": sum(r[2] for r in counts),
                "checkpoint": str(best_dir.absolute()), "run_dir": str(run_dir.absolute())}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -144,8 +144,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
 
 def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device, shuffle: bool) -> DataLoader:
     # A last train batch of one sample would make BatchNorm fail, so it is dropped in that case only.
+    # Workers are not persistent: fresh ones draw their seeds from the torch RNG each epoch, which the
+    # checkpoint holds, so a resumed run sees the same augmentations as an uninterrupted one.
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                      pin_memory=device.type == "cuda",
                       drop_last=shuffle and len(dataset) % batch_size == 1)
 
 
@@ -166,9 +168,10 @@ def train_one_epoch(model, loader, criterion, extra_loss, optimizer, scheduler, 
                 logits = model(images)
                 task_loss = criterion(logits, targets)
                 total_loss = task_loss + extra_loss(model) if extra_loss else task_loss
-            scaler.scale(total_loss / accumulate).backward()
+            group = min(accumulate, len(loader) - i // accumulate * accumulate)  # the last group may be short
+            scaler.scale(total_loss / group).backward()
             for w in (window, epoch_totals):
-                w.add(task_loss.detach(), logits.detach(), targets)
+                w.add(task_loss.detach(), _weight(criterion, targets), logits.detach(), targets)
             if (i + 1) % accumulate and i + 1 != len(loader):
                 continue  # accumulate more gradient before stepping
             if t.gradient_clip_norm:
@@ -181,7 +184,7 @@ def train_one_epoch(model, loader, criterion, extra_loss, optimizer, scheduler, 
                 scheduler.step()
             state.step += 1
             if bar:
-                bar.advance(task, accumulate)
+                bar.advance(task, group)
             if state.step % t.log_every_n_steps == 0:
                 record = {"epoch": epoch + 1, "step": state.step, "split": "train", **window.read(),
                           "lr": optimizer.param_groups[0]["lr"], "elapsed": state.elapsed + time.perf_counter() - started}
@@ -202,17 +205,19 @@ class _Window:
 
     def __init__(self, num_classes: int, device: torch.device):
         self.loss_sum = torch.zeros((), device=device)
+        self.weight_sum = torch.zeros((), device=device)
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
         self.samples, self.num_classes, self.start = 0, num_classes, time.perf_counter()
 
-    def add(self, mean_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        self.loss_sum += mean_loss.float() * len(targets)
+    def add(self, mean_loss: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.loss_sum += mean_loss.float() * weight
+        self.weight_sum += weight
         self.confusion += metrics.confusion(logits, targets, self.num_classes)
         self.samples += len(targets)
 
     def read(self) -> dict:
         s = metrics.scores(self.confusion)
-        return {"loss": self.loss_sum.item() / max(1, self.samples), "accuracy": s["accuracy"],
+        return {"loss": (self.loss_sum / self.weight_sum.clamp(min=1e-12)).item(), "accuracy": s["accuracy"],
                 "macro_f1": s["macro_f1"], "samples_per_s": self.samples / (time.perf_counter() - self.start)}
 
 
@@ -220,15 +225,23 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion, device: torch.devi
              num_classes: int) -> dict:
     """Loss, accuracy, macro-F1, per-class scores and the confusion matrix of `model` over `loader`."""
     model.eval()
-    loss_sum = torch.zeros((), device=device)
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    start = time.perf_counter()
+    window = _Window(num_classes, device)
     with torch.inference_mode(), runtime.autocast(device, precision):
         for images, targets in loader:
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             logits = model(images)
-            loss_sum += criterion(logits.float(), targets) * len(targets)
-            cm += metrics.confusion(logits, targets, num_classes)
-    return {"loss": loss_sum.item() / max(1, int(cm.sum())), **metrics.scores(cm), "confusion": cm.tolist()}
+            window.add(criterion(logits.float(), targets), _weight(criterion, targets), logits, targets)
+    result = {**window.read(), **metrics.scores(window.confusion), "confusion": window.confusion.tolist()}
+    result["samples_per_s"] = window.samples / (time.perf_counter() - start)
+    return result
+
+
+def _weight(criterion: nn.CrossEntropyLoss, targets: torch.Tensor) -> torch.Tensor:
+    """What the batch's mean loss was divided by: its size, or with class weights the sum of its weights."""
+    if criterion.weight is None:
+        return torch.tensor(float(len(targets)), device=targets.device)
+    return criterion.weight[targets].sum()
 
 
 def save_checkpoint(run_dir, tags, model, optimizer, scheduler, scaler, state, started, cfg, classes, row) -> None:
@@ -241,24 +254,34 @@ def save_checkpoint(run_dir, tags, model, optimizer, scheduler, scaler, state, s
     checkpoint.save(run_dir / "checkpoints", tags, model, blob, cfg, meta)
 
 
-def resume(path, run_dir: Path, classes, model, optimizer, scheduler, scaler) -> SimpleNamespace:
-    """Load a checkpoint's full training state; the current config wins where the two differ (reported).
+def resume(cfg: DictConfig, run_dir: Path, classes, model, optimizer, scheduler, scaler,
+           total_steps: int) -> SimpleNamespace:
+    """Load a checkpoint's training state: weights, optimizer state (its lr, momentum and weight decay
+    included), schedule position, grad scaler, RNG, counters and best metric. Everything else (epochs,
+    schedule length, data, logging) follows the current config; the differences are listed in the log.
     The source run's checkpoints and metric history are copied into the new run folder, never moved."""
-    ckpt = checkpoint.resolve(path)
+    ckpt = checkpoint.resolve(cfg.resume)
     meta = checkpoint.load_meta(ckpt)
     if meta["classes"] != classes:
-        raise SFTError(f"resume={path}: the checkpoint was trained on classes {meta['classes']}, "
+        raise SFTError(f"resume={cfg.resume}: the checkpoint was trained on classes {meta['classes']}, "
                        f"but the configured dataset has {classes}. Resume with the same dataset.")
+    for line in config.differences(checkpoint.load_config(ckpt), cfg, ignore=("resume",)):
+        log.warning(f"resume: {line} (the current value is used)")
     checkpoint.load_weights(ckpt, model)
     blob = checkpoint.load_state(ckpt)
+    if isinstance(scheduler, OneCycleLR) and blob["scheduler"].get("total_steps") != total_steps:
+        raise SFTError(f"resume={cfg.resume}: scheduler=onecycle was planned for {blob['scheduler'].get('total_steps')} "
+                       f"steps and cannot be stretched to {total_steps}: keep trainer.max_epochs/max_steps as they "
+                       "were, or use a scheduler such as cosine, whose length follows the current config.")
     try:
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
     except (ValueError, KeyError) as e:
-        raise SFTError(f"resume={path}: its optimizer/scheduler state does not fit the configured "
+        raise SFTError(f"resume={cfg.resume}: its optimizer/scheduler state does not fit the configured "
                        f"optimizer={type(optimizer).__name__}, scheduler={type(scheduler).__name__} ({e}). "
                        "Resume with the optimizer and scheduler the run was started with.") from e
-    scaler.load_state_dict(blob["scaler"])
+    if scaler.is_enabled() and blob["scaler"]:  # empty when the run was saved without 16-mixed
+        scaler.load_state_dict(blob["scaler"])
     runtime.set_rng_state(blob["rng"])
     checkpoint.copy_history(ckpt, run_dir, blob["epoch"], blob["step"])
     log.info(f"resumed from {ckpt.resolve()} at epoch {blob['epoch']}, step {blob['step']} "

@@ -10,7 +10,9 @@ import pytest
 
 BIN = Path(sys.executable).parent
 # The quickstart (ResNet-18 on digits), made cheaper with 16x16 inputs.
-FAST = ["+experiment=quickstart", "dataset.transforms.image_size=16", "trainer.progress_bar=false"]
+# One DataLoader worker, so that resume is also checked with worker processes drawing augmentations.
+FAST = ["+experiment=quickstart", "dataset.transforms.image_size=16", "trainer.num_workers=1",
+        "trainer.progress_bar=false"]
 
 
 def run_cli(command: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 300,

@@ -80,5 +80,8 @@ def test_a_run_folder_that_holds_a_run_is_never_reused(quick_run: Path, tmp_path
     before = digest(quick_run)
     result = run_cli("sft-train", *FAST, f"hydra.run.dir={quick_run}", cwd=tmp_path)
     refused(result, f"{quick_run} already holds a run")
-    after = {k: v for k, v in digest(quick_run).items() if not k.startswith(".hydra") and k != "train.log"}
-    assert after == {k: v for k, v in before.items() if not k.startswith(".hydra") and k != "train.log"}
+    assert digest(quick_run) == before  # .hydra/ and train.log included: Hydra wrote nothing there
+    result = run_cli("sft-eval", f"checkpoint={quick_run}", f"hydra.run.dir={quick_run / 'checkpoints' / 'ev'}",
+                     cwd=tmp_path)
+    refused(result, "sft-eval never writes there")
+    assert digest(quick_run) == before and not (quick_run / "checkpoints" / "ev").exists()

@@ -97,6 +97,16 @@ def test_resume_after_a_kill_ends_bitwise_equal_to_an_uninterrupted_run(quick_ru
     assert (tmp_path / "killed" / "checkpoints" / "last" / "model.safetensors").is_file()  # source untouched
 
 
+def test_accumulation_clipping_and_max_steps(tmp_path: Path):
+    ok(run_cli("sft-train", *FAST, "trainer.accumulate_grad_batches=3", "trainer.gradient_clip_norm=1.0",
+               "trainer.max_steps=4", "trainer.log_every_n_steps=1", "hydra.run.dir=run", cwd=tmp_path))
+    summary = read_json(tmp_path / "run" / "summary.json")
+    assert summary["steps"] == 4 and summary["epochs"] == 1  # 20 batches make 7 steps; stopped after 4
+    records = [read_json_line(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
+    assert [r["split"] for r in records][-1] == "val"  # a run cut short by max_steps still validates
+
+
 def test_multirun_grid_makes_four_runs_and_a_ranked_summary(tmp_path: Path):
     result = ok(run_cli("sft-train", "-m", *FAST, "trainer.max_steps=6", "optimizer.lr=0.1,0.01",
                         "freeze=none,head_only", "hydra.sweep.dir=sweep", cwd=tmp_path))

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fixtures import CIFAR10_CLASSES, separable_images, write_cifar10, write_image_folder
-from sft_cli import checkpoint, data, loss, metrics
+from sft_cli import checkpoint, data, loss, metrics, models
 from sft_cli.errors import SFTError
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -97,7 +97,8 @@ def tiny_model():
 
 def test_l2sp_is_zero_at_start_grows_when_the_backbone_moves_and_ignores_the_head():
     model = tiny_model()
-    penalty = loss.L2SP(model, "fc", weight=0.5)
+    model.sft_stages, model.sft_new_stages = [("body", ["body"]), ("fc", ["fc"])], ["fc"]
+    penalty = loss.L2SP(model, weight=0.5)
     assert float(penalty(model).detach()) == 0.0
     with torch.no_grad():
         model.fc.weight.add_(1.0)
@@ -110,6 +111,13 @@ def test_l2sp_is_zero_at_start_grows_when_the_backbone_moves_and_ignores_the_hea
     value.backward()  # differentiable: pulls the backbone back towards its start
     assert torch.allclose(model.body.weight.grad, torch.full((3, 4), 0.5 * 2 * 0.1))
     assert model.fc.weight.grad is None
+
+
+def test_l2sp_does_not_anchor_a_new_small_input_stem_to_its_random_start():
+    model = models.torchvision_classifier("resnet18", 10, None, True, ["conv1", "bn1"], [])
+    anchored = loss.L2SP(model, weight=1.0).start
+    assert not any(n.startswith(("conv1.", "bn1.", "fc.")) for n in anchored)
+    assert {n for n, _ in model.named_parameters() if n.startswith("layer")} <= anchored.keys()
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint
