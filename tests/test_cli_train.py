@@ -23,7 +23,7 @@ def test_quickstart_learns_and_leaves_every_artefact(quick_run: Path):
     assert summary["trainable_params"] == summary["total_params"] > 0 and summary["device"] == "cpu"
     assert summary["wall_time_s"] > 0
 
-    assert (quick_run / ".hydra" / "config.yaml").is_file()
+    assert (quick_run / ".hydra" / "config.yaml").is_file() and (quick_run / "train.log").is_file()
     records = [read_json_line(line) for line in (quick_run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"]
