@@ -45,6 +45,8 @@ def save(folder: Path, tags: list[str], model: nn.Module, state: dict, config: D
         torch.save(state, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(OmegaConf.to_yaml(config, resolve=True))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        if hasattr(model, "save_extras"):  # a transformers model: its config and tokenizer (hf/)
+            model.save_extras(tmp)
         os.replace(tmp, final)
     for tag in tags:
         link = folder / f".{tag}.tmp-{os.getpid()}"
@@ -132,3 +134,19 @@ def copy_history(ckpt: Path, run_dir: Path, epoch: int, step: int) -> None:
         header, *rows = (source_run / "metrics.csv").read_text().splitlines()
         kept = [row for row in rows if int(row.split(",")[0]) <= epoch]
         (run_dir / "metrics.csv").write_text("\n".join([header, *kept]) + "\n")
+
+
+def load_model(cfg: DictConfig, ckpt: Path, device: torch.device) -> tuple[nn.Module, list[str]]:
+    """The checkpoint's model, in eval mode on `device`, and its class names; built from `cfg` (the
+    checkpoint's config, possibly overridden) without fetching any pretrained weights. For a transformers
+    model, cfg.model.name_or_path and cfg.dataset.tokenizer are pointed at the checkpoint's own hf/ copy."""
+    from sft_cli.config import build
+
+    classes = load_meta(ckpt)["classes"]
+    if (ckpt / "hf").is_dir():
+        cfg.model.name_or_path = str(ckpt / "hf")
+        if "tokenizer" in cfg.dataset:
+            cfg.dataset.tokenizer = str(ckpt / "hf")
+    model = build(cfg.model, classes=classes, weights=None)
+    load_weights(ckpt, model)
+    return model.to(device).eval(), classes

@@ -28,6 +28,19 @@ def eval_main() -> None:
     _eval()
 
 
+def predict_main() -> None:
+    """sft-predict: like sft-eval, composed over the checkpoint's own config."""
+    _refuse_used_run_dir(sys.argv[1:])
+    ConfigStore.instance().store(name="_checkpoint_", node=_checkpoint_config(_arg(sys.argv[1:], "checkpoint")))
+    _predict()
+
+
+def export_main() -> None:
+    """sft-export: a transformers checkpoint as a save_pretrained() folder."""
+    ConfigStore.instance().store(name="_checkpoint_", node=_checkpoint_config(_arg(sys.argv[1:], "checkpoint")))
+    _export()
+
+
 @hydra.main(config_path=config.find_config_dir(), config_name="train", version_base="1.3")
 def _train(cfg: DictConfig) -> float:
     config.check(cfg)  # train() checks too; this answers before torch loads
@@ -42,6 +55,22 @@ def _eval(cfg: DictConfig) -> None:
     from sft_cli.eval import evaluate_checkpoint
 
     evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+@hydra.main(config_path=config.find_config_dir(), config_name="predict", version_base="1.3")
+def _predict(cfg: DictConfig) -> None:
+    config.require(cfg)
+    from sft_cli.predict import predict
+
+    predict(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+@hydra.main(config_path=config.find_config_dir(), config_name="export", version_base="1.3")
+def _export(cfg: DictConfig) -> None:
+    config.require(cfg)
+    from sft_cli.predict import export
+
+    export(cfg)
 
 
 def _arg(argv: list[str], key: str) -> str | None:

@@ -1,5 +1,6 @@
 """Image datasets as train/val/test splits. Each builder is a `_target_` in configs/dataset/."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +17,15 @@ TRAIN_CROPS = ("pad", "resized", "none")
 
 @dataclass
 class Splits:
-    """What every dataset builder returns. `test` is None when the data has no held-out split."""
+    """What every dataset builder returns. `test` is None when the data has no held-out split.
+    Items are (input, label): an image tensor, or for text a dict of token lists that `collate` pads."""
 
     train: Dataset
     val: Dataset
     test: Dataset | None
     classes: list[str]
-    train_targets: list[int]  # for class weights, without decoding a single image
+    train_targets: list[int]  # for class weights, without decoding a single input
+    collate: Callable | None = None  # the DataLoader's collate_fn (None: torch's default stacking)
 
 
 class Transformed(Dataset):
@@ -61,7 +64,7 @@ def stratified_split(targets: list[int], size: float | int, seed: int) -> tuple[
     """Split indices into (keep, held_out), holding out `size` (a fraction or a count) of each class."""
     n = len(targets)
     if not isinstance(size, (int, float)) or isinstance(size, bool):
-        raise SFTError(f"dataset.val_size={size!r} must be a fraction in (0, 1) or a count of images")
+        raise SFTError(f"dataset.val_size={size!r} must be a fraction in (0, 1) or a count of examples")
     fraction = size if isinstance(size, float) and size < 1 else size / n
     if not 0 < fraction < 1:
         raise SFTError(f"dataset.val_size={size} must be a fraction in (0, 1) or a count below {n}")
@@ -74,7 +77,7 @@ def stratified_split(targets: list[int], size: float | int, seed: int) -> tuple[
         held_out += members[:k]
         keep += members[k:]
     if not held_out:
-        raise SFTError(f"dataset.val_size={size} holds out no image of {n} ({len(set(targets))} classes): "
+        raise SFTError(f"dataset.val_size={size} holds out no example of {n} ({len(set(targets))} classes): "
                        "raise it, e.g. dataset.val_size=0.2")
     return sorted(keep), sorted(held_out)
 

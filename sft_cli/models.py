@@ -1,4 +1,4 @@
-"""Backbones from torchvision's factory with the classification head replaced for your classes."""
+"""Classifiers from library factories (torchvision, transformers) with a head for your classes."""
 
 from pathlib import Path
 from urllib.error import URLError
@@ -49,7 +49,7 @@ def _pretrained(name: str, weights: str) -> nn.Module:
                        "model.weights=/path/to/file.pth, or train from scratch with model.weights=null.") from e
 
 
-def torchvision_classifier(name: str, num_classes: int, weights: str | None = None, small_input_stem: bool = False,
+def torchvision_classifier(name: str, classes: list[str], weights: str | None = None, small_input_stem: bool = False,
                            stem: list[str] = (), expand: list[str] = ()) -> nn.Module:
     """Any classification model in torchvision.models by name, pretrained or not, with a new head.
 
@@ -65,7 +65,7 @@ def torchvision_classifier(name: str, num_classes: int, weights: str | None = No
         _load_weights_file(model, Path(weights))
     head = head_name(model)
     old = model.get_submodule(head)
-    model.set_submodule(head, nn.Linear(old.in_features, num_classes))
+    model.set_submodule(head, nn.Linear(old.in_features, len(classes)))
     created = {head}
     if small_input_stem:
         if not all(hasattr(model, m) for m in ("conv1", "bn1", "maxpool")):
@@ -80,3 +80,68 @@ def torchvision_classifier(name: str, num_classes: int, weights: str | None = No
     model.sft_stages = stage_names(model, stem, expand)
     model.sft_new_stages = [name for name, members in model.sft_stages if set(members) <= created]
     return model
+
+
+class TextClassifier(nn.Module):
+    """A transformers sequence classifier called as the recipe calls every model: logits = model(inputs),
+    with `inputs` the batch dict of token tensors. Keeps its tokenizer so checkpoints can carry it."""
+
+    def __init__(self, model: nn.Module, tokenizer):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        return self.model(**inputs).logits
+
+    def save_extras(self, folder: Path) -> None:
+        """The transformers config and tokenizer, so a checkpoint rebuilds without the original source."""
+        self.model.config.save_pretrained(folder / "hf")
+        self.tokenizer.save_pretrained(folder / "hf")
+
+
+def hf_classifier(name_or_path: str, classes: list[str], weights: str | None = "pretrained") -> TextClassifier:
+    """Any AutoModelForSequenceClassification by hub name or local folder, with num_labels, id2label and
+    label2id set from the data. weights=null keeps the architecture and initialises it randomly.
+
+    Stages for freezing: the embeddings (stem), each encoder layer, then what sits above (pooler, head)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its load report and progress bars; new layers are listed by sft-train
+    hf_logging.disable_progress_bar()
+    labels = {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
+              "label2id": {c: i for i, c in enumerate(classes)}}
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **labels)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        if weights:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, config=config, ignore_mismatched_sizes=True, output_loading_info=True)
+            created = set(info["missing_keys"]) | {k for k, *_ in info.get("mismatched_keys", [])}
+        else:
+            model = AutoModelForSequenceClassification.from_config(config)
+            created = {n for n, _ in model.named_parameters()}
+    except (OSError, ValueError) as e:
+        raise SFTError(f"model.name_or_path={name_or_path} could not be loaded ({type(e).__name__}: {str(e)[:300]}). "
+                       "Give a local folder saved with save_pretrained(), or run once with network access so the "
+                       "hub files are cached.") from e
+    wrapper = TextClassifier(model, tokenizer)
+    base = model.base_model_prefix
+    blocks = max((n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.startswith(base)),
+                 key=lambda n: sum(p.numel() for p in model.get_submodule(n).parameters()))
+    parts = blocks.split(".")
+    expand = ["model"] + [f"model.{'.'.join(parts[:i])}" for i in range(1, len(parts) + 1)]
+    stem = [f"model.{base}.embeddings"] if hasattr(model.base_model, "embeddings") else []
+    wrapper.sft_stages = stage_names(wrapper, stem, expand)
+    # stages made from scratch here (the classifier head and anything else the checkpoint lacked) always train
+    created = {f"model.{n}" for n in created}
+    wrapper.sft_new_stages = [name for name, members in wrapper.sft_stages
+                              if all(n in created for m in members for n, _ in _named_params(wrapper, m))]
+    return wrapper
+
+
+def _named_params(model: nn.Module, member: str):
+    try:
+        yield from ((f"{member}.{n}", p) for n, p in model.get_submodule(member).named_parameters())
+    except AttributeError:
+        yield member, model.get_parameter(member)

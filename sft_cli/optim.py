@@ -11,25 +11,39 @@ from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
 from sft_cli.config import build
 
 
-def param_groups(model: nn.Module, head: str, lr: float, weight_decay: float, head_lr: float | None) -> list[dict]:
-    """Up to four groups, (backbone | head) x (decay | no decay). Biases and normalisation weights (every
-    1-D parameter) get no weight decay. Frozen parameters are included so that gradual unfreezing can
-    wake them up; optimizers skip a parameter whose .grad is None, so they cost nothing while frozen."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+def param_groups(model: nn.Module, head: str, lr: float, weight_decay: float, head_lr: float | None,
+                 layer_decay: float | None = None) -> list[dict]:
+    """Parameter groups by (backbone | head) x (decay | no decay), and by stage with layer_decay.
+
+    Biases and normalisation weights (every 1-D parameter) get no weight decay. With layer_decay
+    (layer-wise lr decay, the standard BERT/ViT fine-tuning recipe), the stage k stages below the top
+    (model.sft_stages) trains at lr x layer_decay**k. Frozen parameters are included so that gradual
+    unfreezing can wake them up; optimizers skip a parameter whose .grad is None, so they cost nothing."""
+    depth = {}  # parameter name -> stages below the top
+    if layer_decay is not None:
+        stages = model.sft_stages
+        for k, (_, members) in enumerate(reversed(stages)):
+            for member in members:
+                for name, _ in model.named_parameters():
+                    if name == member or name.startswith(member + "."):
+                        depth[name] = k
+    groups: dict[tuple[bool, bool, int], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         is_head = name.startswith(head + ".")
-        groups.setdefault((is_head, p.ndim <= 1), []).append(p)
-    return [{"params": params, "name": f"{'head' if is_head else 'backbone'}{'/no_decay' if no_decay else ''}",
-             "lr": head_lr if is_head and head_lr is not None else lr,
+        groups.setdefault((is_head, p.ndim <= 1, depth.get(name, 0)), []).append(p)
+    return [{"params": params,
+             "name": f"{'head' if is_head else 'backbone'}{f'/depth{k}' if k else ''}{'/no_decay' if no_decay else ''}",
+             "lr": (head_lr if is_head and head_lr is not None else lr) * (layer_decay ** k if k else 1.0),
              "weight_decay": 0.0 if no_decay else weight_decay}
-            for (is_head, no_decay), params in sorted(groups.items())]
+            for (is_head, no_decay, k), params in sorted(groups.items())]
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module, head: str) -> Optimizer:
-    """instantiate(configs/optimizer/*) over param_groups(); `head_lr` is ours, not torch's, so it is taken out."""
+    """instantiate(configs/optimizer/*) over param_groups(); `head_lr` and `layer_decay` are ours, not torch's,
+    so they are taken out."""
     kwargs = OmegaConf.to_container(cfg, resolve=True)
-    head_lr = kwargs.pop("head_lr", None)
-    groups = param_groups(model, head, kwargs["lr"], kwargs.get("weight_decay", 0.0), head_lr)
+    head_lr, layer_decay = kwargs.pop("head_lr", None), kwargs.pop("layer_decay", None)
+    groups = param_groups(model, head, kwargs["lr"], kwargs.get("weight_decay", 0.0), head_lr, layer_decay)
     return build(OmegaConf.create(kwargs), params=groups)
 
 

@@ -43,15 +43,15 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     log.info(f"dataset <{cfg.dataset._target_}>")
     splits = config.build(cfg.dataset)
     classes = splits.classes
-    train_loader = make_loader(splits.train, t.batch_size, t.num_workers, device, shuffle=True)
+    train_loader = make_loader(splits.train, t.batch_size, t.num_workers, device, shuffle=True, collate=splits.collate)
     eval_batch = t.eval_batch_size or 2 * t.batch_size
-    val_loader = make_loader(splits.val, eval_batch, t.num_workers, device, shuffle=False)
+    val_loader = make_loader(splits.val, eval_batch, t.num_workers, device, shuffle=False, collate=splits.collate)
     log.info(f"{len(classes)} classes; {len(splits.train)} train / {len(splits.val)} val / "
-             f"{len(splits.test) if splits.test is not None else 0} test images")
+             f"{len(splits.test) if splits.test is not None else 0} test examples")
 
     # Model and freezing: the policy says which stages train in each epoch
     log.info(f"model <{cfg.model._target_}> {cfg.model.get('name', '')} (weights: {cfg.model.get('weights')})")
-    model = config.build(cfg.model, num_classes=len(classes)).to(device)
+    model = config.build(cfg.model, classes=classes).to(device)
     head, stages = models.head_name(model), model.sft_stages
     policy = config.build(cfg.freeze)
 
@@ -126,7 +126,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     checkpoint.load_weights(best_dir, model)
     test = None
     if splits.test is not None:
-        test_loader = make_loader(splits.test, eval_batch, t.num_workers, device, shuffle=False)
+        test_loader = make_loader(splits.test, eval_batch, t.num_workers, device, shuffle=False, collate=splits.collate)
         test = evaluate(model, test_loader, criterion, device, t.precision, len(classes))
         test = {k: test[k] for k in ("loss", "accuracy", "macro_f1")}
     summary = {"name": cfg.name, "status": "early_stopped" if stopped_early else "completed",
@@ -142,11 +142,12 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     return float(state.best)
 
 
-def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device, shuffle: bool) -> DataLoader:
+def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device, shuffle: bool,
+                collate=None) -> DataLoader:
     # A last train batch of one sample would make BatchNorm fail, so it is dropped in that case only.
     # Workers are not persistent: fresh ones draw their seeds from the torch RNG each epoch, which the
     # checkpoint holds, so a resumed run sees the same augmentations as an uninterrupted one.
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=collate,
                       pin_memory=device.type == "cuda",
                       drop_last=shuffle and len(dataset) % batch_size == 1)
 
@@ -162,10 +163,10 @@ def train_one_epoch(model, loader, criterion, extra_loss, optimizer, scheduler, 
     epoch_start = time.perf_counter()
     with console.progress_bar(t.progress_bar) as bar:
         task = bar.add_task(f"epoch {epoch + 1}", total=len(loader), info="") if bar else None
-        for i, (images, targets) in enumerate(loader):
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        for i, (inputs, targets) in enumerate(loader):
+            inputs, targets = to_device(inputs, device), targets.to(device, non_blocking=True)
             with runtime.autocast(device, t.precision):
-                logits = model(images)
+                logits = model(inputs)
                 task_loss = criterion(logits, targets)
                 total_loss = task_loss + extra_loss(model) if extra_loss else task_loss
             group = min(accumulate, len(loader) - i // accumulate * accumulate)  # the last group may be short
@@ -228,13 +229,20 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion, device: torch.devi
     start = time.perf_counter()
     window = _Window(num_classes, device)
     with torch.inference_mode(), runtime.autocast(device, precision):
-        for images, targets in loader:
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            logits = model(images)
+        for inputs, targets in loader:
+            inputs, targets = to_device(inputs, device), targets.to(device, non_blocking=True)
+            logits = model(inputs)
             window.add(criterion(logits.float(), targets), _weight(criterion, targets), logits, targets)
     result = {**window.read(), **metrics.scores(window.confusion), "confusion": window.confusion.tolist()}
     result["samples_per_s"] = window.samples / (time.perf_counter() - start)
     return result
+
+
+def to_device(inputs, device: torch.device):
+    """A batch's inputs on the device: an image tensor, or the dict of token tensors of a text batch."""
+    if isinstance(inputs, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    return inputs.to(device, non_blocking=True)
 
 
 def _weight(criterion: nn.CrossEntropyLoss, targets: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ def run_cli(command: str, *args: str, cwd: Path, env: dict | None = None, timeou
     full_env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "NO_PROXY", "no_proxy")}
     full_env.update({"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
                      "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
-                     "TORCH_HOME": str(cwd / "torch_home"), "COLUMNS": "200", **(env or {})})
+                     "TORCH_HOME": str(cwd / "torch_home"), "SFT_CLI_CACHE": str(cwd / "sft_cache"), "COLUMNS": "200",
+                     **(env or {})})
     result = subprocess.run([str(BIN / command), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                             timeout=timeout)
     result.output = result.stdout + result.stderr

@@ -1,5 +1,6 @@
 """Tiny datasets written in the real on-disk formats, for tests that must never download anything."""
 
+import inspect
 import pickle
 from pathlib import Path
 
@@ -50,3 +51,43 @@ def write_image_folder(root: Path, classes: list[str], per_class: int, size: int
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{i}.png")
     return Path(root)
+
+
+POSITIVE = ["good", "great", "fine", "enjoyed"]
+NEGATIVE = ["bad", "awful", "poor", "hated"]
+FILLER = ["the", "a", "movie", "film", "book", "it", "was", "is", "very", "really", "and"]
+
+
+def write_tiny_bert(folder: Path, seed: int = 0) -> Path:
+    """A 3-layer, 32-wide BERT with a WordPiece vocabulary of the toy words, saved with save_pretrained
+    as a stand-in for a pretrained hub model."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + FILLER
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    # transformers 5 takes vocab=, 4.x vocab_file= (and silently ignores the other: every token [UNK])
+    takes_vocab = "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters
+    tokenizer = BertTokenizerFast(**{"vocab" if takes_vocab else "vocab_file": str(folder / "vocab.txt")})
+    assert tokenizer("good")["input_ids"][1] == vocab.index("good")
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(text, label) with label "pos" when the text holds a positive word, "neg" for a negative one;
+    texts vary in length so batches pad differently."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 else "neg"
+        words = list(rng.choice(FILLER, size=int(rng.integers(2, 12))))
+        words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(POSITIVE if label == "pos" else NEGATIVE)))
+        rows.append((" ".join(words), label))
+    return rows

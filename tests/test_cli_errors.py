@@ -85,3 +85,16 @@ def test_a_run_folder_that_holds_a_run_is_never_reused(quick_run: Path, tmp_path
                      cwd=tmp_path)
     refused(result, "sft-eval never writes there")
     assert digest(quick_run) == before and not (quick_run / "checkpoints" / "ev").exists()
+
+
+def test_a_hub_dataset_without_the_optional_extra_says_how_to_install_it(tmp_path: Path):
+    result = run_cli("sft-train", "+experiment=sst2_bert", cwd=tmp_path)
+    refused(result, 'pip install "sft-cli[hub]"', "dataset=text_files")
+
+
+def test_text_file_mistakes_name_the_file_and_line(tmp_path: Path):
+    (tmp_path / "reviews.tsv").write_text("text\tlabel\ngreat film\tpos\n\tneg\n")
+    result = run_cli("sft-train", "+experiment=text_classification", "dataset.train_file=reviews.tsv", cwd=tmp_path)
+    refused(result, "reviews.tsv:3", "dataset.skip_bad_rows=true")
+    result = run_cli("sft-train", "+experiment=text_classification", "dataset.train_file=nope.tsv", cwd=tmp_path)
+    refused(result, "dataset.train_file=nope.tsv")

@@ -114,7 +114,7 @@ def test_l2sp_is_zero_at_start_grows_when_the_backbone_moves_and_ignores_the_hea
 
 
 def test_l2sp_does_not_anchor_a_new_small_input_stem_to_its_random_start():
-    model = models.torchvision_classifier("resnet18", 10, None, True, ["conv1", "bn1"], [])
+    model = models.torchvision_classifier("resnet18", list("0123456789"), None, True, ["conv1", "bn1"], [])
     anchored = loss.L2SP(model, weight=1.0).start
     assert not any(n.startswith(("conv1.", "bn1.", "fc.")) for n in anchored)
     assert {n for n, _ in model.named_parameters() if n.startswith("layer")} <= anchored.keys()

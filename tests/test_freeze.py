@@ -13,12 +13,12 @@ RESNET_STAGES = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
 
 def resnet18():
     torch.manual_seed(0)
-    return models.torchvision_classifier("resnet18", num_classes=5, weights=None, stem=["conv1", "bn1"], expand=[])
+    return models.torchvision_classifier("resnet18", classes=list("abcde"), weights=None, stem=["conv1", "bn1"], expand=[])
 
 
 @pytest.fixture(scope="module")
 def vit():
-    return models.torchvision_classifier("vit_b_16", num_classes=5, weights=None,
+    return models.torchvision_classifier("vit_b_16", classes=list("abcde"), weights=None,
                                          stem=["class_token", "conv_proj", "encoder.pos_embedding"],
                                          expand=["encoder", "encoder.layers", "heads"])
 
@@ -52,7 +52,7 @@ def test_resnet18_stages_are_stem_layers_and_head():
 
 def test_unknown_stem_name_is_an_error_naming_model_stem():
     with pytest.raises(SFTError, match="model.stem"):
-        models.torchvision_classifier("resnet18", num_classes=5, weights=None, stem=["conv9"], expand=[])
+        models.torchvision_classifier("resnet18", classes=list("abcde"), weights=None, stem=["conv9"], expand=[])
 
 
 def test_head_only_trains_fc_alone_and_puts_other_batchnorms_in_eval():
@@ -153,7 +153,7 @@ def test_gradual_rejects_every_n_epochs_below_one():
 
 
 def test_mobilenet_v3_small_stages_expand_features_and_classifier():
-    model = models.torchvision_classifier("mobilenet_v3_small", num_classes=5, weights=None,
+    model = models.torchvision_classifier("mobilenet_v3_small", classes=list("abcde"), weights=None,
                                           stem=["features.0"], expand=["features", "classifier"])
     names = [name for name, _ in model.sft_stages]
     assert names == ["stem"] + [f"features.{i}" for i in range(1, 13)] + ["classifier.0", "classifier.3"]

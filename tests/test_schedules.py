@@ -214,7 +214,7 @@ def test_param_groups_exempt_biases_and_norm_weights_from_decay_and_give_the_hea
 def test_param_groups_hold_every_parameter_exactly_once_including_frozen_ones():
     from sft_cli import models
 
-    model = models.torchvision_classifier("resnet18", num_classes=5, weights=None, stem=["conv1", "bn1"])
+    model = models.torchvision_classifier("resnet18", classes=list("abcde"), weights=None, stem=["conv1", "bn1"])
     model.layer1.requires_grad_(False)
     groups = optim.param_groups(model, "fc", lr=0.01, weight_decay=1e-4, head_lr=None)
     listed = [id(p) for g in groups for p in g["params"]]

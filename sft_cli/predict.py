@@ -1,0 +1,118 @@
+"""sft-predict: classify new texts or images with a checkpoint alone; sft-export: save a transformers
+checkpoint with save_pretrained() so plain `transformers` loads it."""
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from sft_cli import checkpoint, console, data, runtime
+from sft_cli.errors import SFTError
+from sft_cli.train import to_device
+
+log = logging.getLogger("sft_cli.predict")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def predict(cfg: DictConfig, out_dir: Path) -> list[dict]:
+    """Label, score and top-k probabilities for cfg.text or every text/image in cfg.input; written to
+    cfg.output (.csv or .jsonl) or printed as a table."""
+    if (cfg.text is None) == (cfg.input is None):
+        raise SFTError("give exactly one of text=\"...\" or input=<file or folder>")
+    ckpt = checkpoint.resolve(cfg.checkpoint)
+    device = runtime.pick_device(cfg.trainer.device)
+    model, classes = checkpoint.load_model(cfg, ckpt, device)
+    is_text = hasattr(model, "tokenizer")
+    items = [cfg.text] if cfg.text is not None else (_texts(Path(cfg.input), cfg.dataset.get("text_field", "text"))
+                                                       if is_text else _images(Path(cfg.input)))
+    rows = []
+    with torch.inference_mode(), runtime.autocast(device, cfg.trainer.precision):
+        for start in range(0, len(items), cfg.batch_size):
+            batch = items[start:start + cfg.batch_size]
+            inputs = _encode_texts(model.tokenizer, batch, cfg.dataset.max_length) if is_text \
+                else _encode_images(batch, cfg.dataset.transforms)
+            probs = model(to_device(inputs, device)).float().softmax(dim=1).cpu()
+            top = probs.topk(min(cfg.top_k, len(classes)), dim=1)
+            for item, scores, indices in zip(batch, top.values.tolist(), top.indices.tolist()):
+                rows.append({"input": str(item), "label": classes[indices[0]], "score": scores[0],
+                             "top_k": [{"label": classes[i], "score": s} for i, s in zip(indices, scores)]})
+    _write(rows, cfg.output)
+    return rows
+
+
+def _texts(path: Path, text_field: str) -> list[str]:
+    """One text per line (.txt), or the text_field column of a .csv/.tsv (header needed) or key of a .jsonl."""
+    if not path.is_file():
+        raise SFTError(f"input={path} does not exist")
+    if path.suffix == ".jsonl":
+        return [json.loads(line)[text_field] for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix in (".csv", ".tsv"):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+            if text_field not in (reader.fieldnames or []):
+                raise SFTError(f"input={path} has no column {text_field!r} (columns: {reader.fieldnames}); "
+                               "set dataset.text_field=...")
+            return [row[text_field] for row in reader]
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def _images(path: Path) -> list[Path]:
+    paths = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    if not paths or not paths[0].is_file():
+        raise SFTError(f"input={path} is neither an image file nor a folder holding images "
+                       f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return paths
+
+
+def _encode_texts(tokenizer, texts: list[str], max_length: int) -> dict:
+    return dict(tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
+
+
+def _encode_images(paths: list[Path], transforms: dict) -> torch.Tensor:
+    transform = data.image_transforms(False, **transforms)  # exactly what evaluation applies
+    try:
+        return torch.stack([transform(Image.open(p)) for p in paths])
+    except OSError as e:
+        raise SFTError(f"could not read an image of input=: {e}") from e
+
+
+def _write(rows: list[dict], output: str | None) -> None:
+    if output is None:
+        console.print_ranking([{"input": r["input"], "label": r["label"], "score": r["score"],
+                                "top_k": ", ".join(f"{t['label']} {t['score']:.3f}" for t in r["top_k"])}
+                               for r in rows], ["input", "label", "score", "top_k"], "predictions")
+        return
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".csv":
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["input", "label", "score", "top_k"])
+            for r in rows:
+                writer.writerow([r["input"], r["label"], r["score"],
+                                 ";".join(f"{t['label']}:{t['score']:.6f}" for t in r["top_k"])])
+    else:
+        raise SFTError(f"output={output} must end in .csv or .jsonl (or leave it out to print a table)")
+    log.info(f"wrote {len(rows)} predictions to {path}")
+
+
+def export(cfg: DictConfig) -> Path:
+    """Save a transformers checkpoint as a save_pretrained() folder (model + tokenizer) at cfg.output."""
+    ckpt = checkpoint.resolve(cfg.checkpoint)
+    model, _ = checkpoint.load_model(cfg, ckpt, torch.device("cpu"))
+    if not hasattr(model, "tokenizer"):
+        raise SFTError(f"{ckpt} holds a torchvision model: its weights are already a plain safetensors file, "
+                       f"{ckpt / checkpoint.MODEL_FILE}; sft-export is for transformers models.")
+    out = Path(cfg.output)
+    if out.exists() and any(out.iterdir()):
+        raise SFTError(f"output={out} exists and is not empty: choose a new folder (nothing is overwritten)")
+    model.model.save_pretrained(out)
+    model.tokenizer.save_pretrained(out)
+    log.info(f"exported to {out}: AutoModelForSequenceClassification.from_pretrained('{out}') loads it")
+    return out

@@ -1,0 +1,76 @@
+"""Text classification as a user runs it: a tiny BERT (saved with save_pretrained) on TSV/CSV files,
+then sft-eval on another file, sft-predict on texts, and sft-export for plain transformers."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ok, read_json, run_cli
+from fixtures import sentiment_rows, write_tiny_bert
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory) -> Path:
+    """Fine-tune the tiny BERT on 1,000 string-labelled TSV rows with freeze=lower freeze.n=1."""
+    cwd = tmp_path_factory.mktemp("text")
+    write_tiny_bert(cwd / "tiny-bert")
+    with open(cwd / "train.tsv", "w") as f:
+        f.write("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in sentiment_rows(1000, seed=1)))
+    with open(cwd / "test.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *sentiment_rows(60, seed=2)])
+    ok(run_cli("sft-train", "+experiment=text_classification", "dataset.train_file=train.tsv",
+               f"model.name_or_path={cwd / 'tiny-bert'}", "freeze=lower", "freeze.n=1", "optimizer.lr=1e-3",
+               "trainer.max_epochs=5", "trainer.batch_size=16", "trainer.progress_bar=false", "hydra.run.dir=run",
+               cwd=cwd))
+    return cwd
+
+
+def test_a_tiny_bert_learns_a_separable_labelling_with_string_labels(text_run: Path):
+    summary = read_json(text_run / "run" / "summary.json")
+    assert summary["best_value"] > 0.9, summary  # two classes: chance is 0.5
+    assert read_json(text_run / "run" / "checkpoints" / "best" / "meta.json")["classes"] == ["neg", "pos"]
+
+
+def test_freeze_lower_n_keeps_the_embeddings_and_the_first_n_layers_unchanged(text_run: Path):
+    tuned = load_file(text_run / "run" / "checkpoints" / "last" / "model.safetensors")
+    original = load_file(text_run / "tiny-bert" / "model.safetensors")
+    for key, value in original.items():
+        key = key if key.startswith("bert.") else f"bert.{key}"
+        frozen = key.startswith(("bert.embeddings.", "bert.encoder.layer.0."))
+        assert torch.equal(tuned[f"model.{key}"], value) == frozen, key
+
+
+def test_eval_on_another_file_and_predict_agree_on_every_text(text_run: Path):
+    ok(run_cli("sft-eval", "checkpoint=run", "dataset.test_file=test.csv", "hydra.run.dir=ev", cwd=text_run))
+    report = read_json(text_run / "ev" / "eval.json")
+    assert report["samples"] == 60 and report["classes"] == ["neg", "pos"]
+
+    rows = sentiment_rows(60, seed=2)
+    (text_run / "texts.txt").write_text("".join(t + "\n" for t, _ in rows))
+    ok(run_cli("sft-predict", "checkpoint=run", "input=texts.txt", "output=pred.jsonl", cwd=text_run))
+    predictions = [json.loads(line) for line in (text_run / "pred.jsonl").read_text().splitlines()]
+    assert [p["input"] for p in predictions] == [t for t, _ in rows]
+    assert all(p["label"] in ("neg", "pos") and len(p["top_k"]) == 2 for p in predictions)
+    accuracy = sum(p["label"] == y for p, (_, y) in zip(predictions, rows)) / len(rows)
+    assert accuracy == pytest.approx(report["accuracy"])
+
+    single = ok(run_cli("sft-predict", "checkpoint=run", 'text=it was really good', cwd=text_run))
+    assert "pos" in single.output
+
+
+def test_export_loads_in_plain_transformers_with_the_label_names(text_run: Path):
+    ok(run_cli("sft-export", "checkpoint=run/checkpoints/best", "output=exported", cwd=text_run))
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(text_run / "exported").eval()
+    tokenizer = AutoTokenizer.from_pretrained(text_run / "exported")
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+    with torch.no_grad():
+        logits = model(**tokenizer(["awful film", "great book"], return_tensors="pt", padding=True)).logits
+    assert [model.config.id2label[i] for i in logits.argmax(1).tolist()] == ["neg", "pos"]
+    again = run_cli("sft-export", "checkpoint=run/checkpoints/best", "output=exported", cwd=text_run)
+    assert again.returncode == 1 and "not empty" in again.output

@@ -1,0 +1,41 @@
+"""The transformers classifier builder: stages for freezing, new layers, layer-wise lr decay, errors."""
+
+import pytest
+
+from fixtures import write_tiny_bert
+from sft_cli import models, optim
+from sft_cli.errors import SFTError
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return write_tiny_bert(tmp_path_factory.mktemp("bert"))
+
+
+def test_stages_are_embeddings_each_layer_pooler_and_head(tiny_bert):
+    model = models.hf_classifier(str(tiny_bert), ["neg", "pos"])
+    assert [name for name, _ in model.sft_stages] == [
+        "stem", "model.bert.encoder.layer.0", "model.bert.encoder.layer.1", "model.bert.encoder.layer.2",
+        "model.bert.pooler", "model.classifier"]
+    assert model.sft_stages[0][1] == ["model.bert.embeddings"]
+    assert model.sft_new_stages == ["model.classifier"]  # loaded from the checkpoint: everything but the head
+    assert models.head_name(model) == "model.classifier"
+    assert model.model.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_layer_wise_lr_decay_shrinks_the_lr_one_factor_per_stage_below_the_top(tiny_bert):
+    model = models.hf_classifier(str(tiny_bert), ["neg", "pos"])
+    groups = optim.param_groups(model, "model.classifier", lr=1.0, weight_decay=0.01, head_lr=None, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    expected = {"model.classifier": 1.0, "model.bert.pooler": 0.5, "model.bert.encoder.layer.2": 0.25,
+                "model.bert.encoder.layer.0": 0.0625, "model.bert.embeddings": 0.03125}
+    for name, p in model.named_parameters():
+        prefix = next((k for k in expected if name.startswith(k + ".")), None)
+        if prefix:
+            assert lr_of[id(p)] == expected[prefix], name
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_a_model_that_cannot_be_found_names_the_key(tmp_path):
+    with pytest.raises(SFTError, match=r"model.name_or_path=.*no-such-model.*save_pretrained"):
+        models.hf_classifier(str(tmp_path / "no-such-model"), ["a", "b"])
