@@ -183,3 +183,25 @@ def test_image_folder_with_pretrained_weights_from_the_hub_cache(tmp_path: Path)
                      "split=val", cwd=tmp_path)
     assert result.returncode == 1 and "wolf" in result.output and "fox" in result.output
     assert "Traceback" not in result.output
+
+
+def test_predict_on_an_image_folder_agrees_with_eval_on_every_image(tmp_path: Path):
+    for split, seed in (("train", 0), ("test", 1)):
+        write_image_folder(tmp_path / "shapes" / split, ["circle", "square", "star"], per_class=10, size=24, seed=seed)
+    ok(run_cli("sft-train", "+experiment=image_folder", f"dataset.root={tmp_path / 'shapes'}", "model.weights=null",
+               "dataset.transforms.image_size=32", "dataset.transforms.eval_resize=32", "dataset.val_size=0.2",
+               "trainer.max_epochs=2", "trainer.batch_size=8", "trainer.num_workers=0", "trainer.progress_bar=false",
+               "hydra.run.dir=run", cwd=tmp_path))
+    ok(run_cli("sft-eval", "checkpoint=run", "hydra.run.dir=ev", cwd=tmp_path))
+    report = read_json(tmp_path / "ev" / "eval.json")
+    ok(run_cli("sft-predict", "checkpoint=run", f"input={tmp_path / 'shapes' / 'test'}", "output=pred.csv",
+               cwd=tmp_path))
+    with open(tmp_path / "pred.csv") as f:
+        predictions = list(csv.DictReader(f))
+    assert len(predictions) == report["samples"] == 30
+    truth = [Path(p["input"]).parent.name for p in predictions]
+    predicted = [p["label"] for p in predictions]
+    assert sum(map(str.__eq__, truth, predicted)) / 30 == report["accuracy"]
+    confusion = [[sum(1 for t, p in zip(truth, predicted) if (t, p) == (a, b)) for b in report["classes"]]
+                 for a in report["classes"]]
+    assert confusion == report["confusion"]  # the same prediction for every image, not just the same count
