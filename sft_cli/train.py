@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 from torch import nn
 from torch.optim.lr_scheduler import OneCycleLR, ReduceLROnPlateau
@@ -39,7 +40,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     if device.type == "cpu" and t.precision != "32":
         log.warning(f"trainer.precision={t.precision} on a CPU: most CPUs run it many times slower than 32")
 
-    # Data
+    # Data. Its paths are made absolute, so checkpoints (which hold this config) work from any folder.
+    for key in ("root", "train_file", "val_file", "test_file"):
+        if cfg.dataset.get(key) is not None:
+            cfg.dataset[key] = to_absolute_path(cfg.dataset[key])
     log.info(f"dataset <{cfg.dataset._target_}>")
     splits = config.build(cfg.dataset)
     classes = splits.classes

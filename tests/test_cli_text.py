@@ -45,8 +45,11 @@ def test_freeze_lower_n_keeps_the_embeddings_and_the_first_n_layers_unchanged(te
 
 
 def test_eval_on_another_file_and_predict_agree_on_every_text(text_run: Path):
-    ok(run_cli("sft-eval", "checkpoint=run", "dataset.test_file=test.csv", "hydra.run.dir=ev", cwd=text_run))
-    report = read_json(text_run / "ev" / "eval.json")
+    elsewhere = text_run / "elsewhere"  # the checkpoint's relative train.tsv still resolves from another folder
+    elsewhere.mkdir()
+    ok(run_cli("sft-eval", "checkpoint=../run", f"dataset.test_file={text_run / 'test.csv'}", "hydra.run.dir=ev",
+               cwd=elsewhere))
+    report = read_json(elsewhere / "ev" / "eval.json")
     assert report["samples"] == 60 and report["classes"] == ["neg", "pos"]
 
     rows = sentiment_rows(60, seed=2)
