@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import to_absolute_path
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision import datasets
 from torchvision.transforms import v2
 
@@ -26,6 +26,29 @@ class Splits:
     classes: list[str]
     train_targets: list[int]  # for class weights, without decoding a single input
     collate: Callable | None = None  # the DataLoader's collate_fn (None: torch's default stacking)
+    group_lengths: list[int] | None = None  # train lengths: when set, train batches group similar lengths
+
+
+class LengthGroupedBatches(Sampler):
+    """Train batches of similar lengths, so that padding each batch to its longest wastes little: shuffle,
+    cut into windows of `window` batches, sort each window by length, cut it into batches, shuffle those.
+    It draws from torch's global RNG, which checkpoints hold, so resume sees the same batches."""
+
+    def __init__(self, lengths: list[int], batch_size: int, window: int = 50):
+        self.lengths, self.batch_size, self.window = lengths, batch_size, window
+
+    def __iter__(self):
+        order, size = torch.randperm(len(self.lengths)).tolist(), self.batch_size * self.window
+        batches = []
+        for start in range(0, len(order), size):
+            chunk = sorted(order[start:start + size], key=lambda i: -self.lengths[i])
+            batches += [chunk[j:j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
+        for k in torch.randperm(len(batches)).tolist():
+            yield batches[k]
+
+    def __len__(self) -> int:
+        size = self.batch_size * self.window
+        return sum(-(-min(size, len(self.lengths) - s) // self.batch_size) for s in range(0, len(self.lengths), size))
 
 
 class Transformed(Dataset):

@@ -59,7 +59,7 @@ class PadCollate:
 def text_files(train_file: str, tokenizer: str, val_file: str | None = None, test_file: str | None = None,
                text_field: str = "text", text_pair_field: str | None = None, label_field: str = "label",
                max_length: int = 128, val_size: float | int = 0.1, split_seed: int = 0,
-               skip_bad_rows: bool = False, cache_dir: str | None = None) -> Splits:
+               skip_bad_rows: bool = False, cache_dir: str | None = None, group_by_length: bool = False) -> Splits:
     """Your labelled text files: the class list comes from `train_file`; validation is `val_file` or a
     stratified `val_size` carved from train; every text is tokenized once (cached), truncated, unpadded."""
     fields = (text_field, text_pair_field, label_field)
@@ -83,7 +83,8 @@ def text_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
         keep, held_out = stratified_split(train.labels, val_size, split_seed)
         train, val = train.subset(keep), train.subset(held_out)
     test = tokenized(*others["test_file"]) if "test_file" in others else None
-    return Splits(train, val, test, classes, list(train.labels), PadCollate(tok))
+    lengths = [len(ids) for ids in train.features["input_ids"]] if group_by_length else None
+    return Splits(train, val, test, classes, list(train.labels), PadCollate(tok), lengths)
 
 
 def _read(file: str, key: str, fields: tuple, skip: bool, known: dict[str, int] | None = None) -> tuple[Path, list]:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim.lr_scheduler import OneCycleLR, ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
-from sft_cli import checkpoint, config, console, freeze, loss, metrics, models, optim, runtime
+from sft_cli import checkpoint, config, console, data, freeze, loss, metrics, models, optim, runtime
 from sft_cli.errors import SFTError
 
 log = logging.getLogger("sft_cli.train")
@@ -47,7 +47,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     log.info(f"dataset <{cfg.dataset._target_}>")
     splits = config.build(cfg.dataset)
     classes = splits.classes
-    train_loader = make_loader(splits.train, t.batch_size, t.num_workers, device, shuffle=True, collate=splits.collate)
+    train_loader = make_loader(splits.train, t.batch_size, t.num_workers, device, shuffle=True, collate=splits.collate,
+                               group_lengths=splits.group_lengths)
     eval_batch = t.eval_batch_size or 2 * t.batch_size
     val_loader = make_loader(splits.val, eval_batch, t.num_workers, device, shuffle=False, collate=splits.collate)
     log.info(f"{len(classes)} classes; {len(splits.train)} train / {len(splits.val)} val / "
@@ -147,13 +148,15 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
 
 
 def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device, shuffle: bool,
-                collate=None) -> DataLoader:
+                collate=None, group_lengths: list[int] | None = None) -> DataLoader:
     # A last train batch of one sample would make BatchNorm fail, so it is dropped in that case only.
     # Workers are not persistent: fresh ones draw their seeds from the torch RNG each epoch, which the
     # checkpoint holds, so a resumed run sees the same augmentations as an uninterrupted one.
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=collate,
-                      pin_memory=device.type == "cuda",
-                      drop_last=shuffle and len(dataset) % batch_size == 1)
+    common = {"num_workers": num_workers, "collate_fn": collate, "pin_memory": device.type == "cuda"}
+    if group_lengths is not None:
+        return DataLoader(dataset, batch_sampler=data.LengthGroupedBatches(group_lengths, batch_size), **common)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                      drop_last=shuffle and len(dataset) % batch_size == 1, **common)
 
 
 def train_one_epoch(model, loader, criterion, extra_loss, optimizer, scheduler, scaler, device, t, num_classes,

@@ -7,6 +7,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 from torch.utils.data import DataLoader
 
@@ -206,3 +207,21 @@ def test_the_real_amazon_reviews_file_parses(tokenizer):
     splits = text_files(str(REAL_TRAIN), tokenizer, text_field="sentence", val_size=0.1)
     assert len(splits.train) + len(splits.val) == 1700
     assert splits.classes == ["0", "1"] and set(splits.train_targets) == {0, 1}
+
+
+def test_length_grouped_batches_cover_every_example_once_and_pad_less():
+    from sft_cli.data import LengthGroupedBatches
+
+    torch.manual_seed(0)
+    lengths = torch.randint(3, 100, (1000,)).tolist()
+    sampler = LengthGroupedBatches(lengths, batch_size=16, window=10)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) and sorted(i for b in batches for i in b) == list(range(1000))
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    shuffled = torch.randperm(1000).tolist()
+    random_batches = [shuffled[i:i + 16] for i in range(0, 1000, 16)]
+    assert padding(batches) < padding(random_batches) / 4
+    assert list(sampler) != batches  # reshuffled every epoch
