@@ -160,31 +160,6 @@ def test_cifar10_resnet18_linear_probe_on_a_local_copy_with_other_checksums(tmp_
     assert summary["trainable_params"] == 64 * 27 + 2 * 64 + 512 * 10 + 10  # new conv1, bn1 and fc only
 
 
-def test_image_folder_with_pretrained_weights_from_the_hub_cache(tmp_path: Path):
-    """ImageNet weights already in $TORCH_HOME/hub/checkpoints load offline (here: an untrained stand-in
-    saved under the real file name), and a head-only run changes nothing but the head."""
-    original = fake_imagenet_resnet18(tmp_path / "torch_home")
-    write_image_folder(tmp_path / "pets", ["cat", "dog", "fox"], per_class=12, size=40)
-    ok(run_cli("sft-train", "+experiment=image_folder", f"dataset.root={tmp_path / 'pets'}", "freeze=head_only",
-               "dataset.transforms.image_size=32", "dataset.transforms.eval_resize=36", "trainer.max_epochs=2",
-               "trainer.batch_size=8", "trainer.num_workers=0", "trainer.progress_bar=false",
-               "hydra.run.dir=run", cwd=tmp_path))
-    tuned = load_file(tmp_path / "run" / "checkpoints" / "last" / "model.safetensors")
-    for key, value in tuned.items():
-        if key.startswith("fc."):
-            assert value.shape[0] == 3
-        else:  # frozen stages, BatchNorm running statistics included
-            assert torch.equal(value, original[key]), key
-    assert read_json(tmp_path / "run" / "summary.json")["test"] is None  # no test/ folder: no test split
-
-    # sft-eval on a folder whose classes differ from the checkpoint's is refused, naming both
-    write_image_folder(tmp_path / "other", ["cat", "dog", "wolf"], per_class=10, size=40)
-    result = run_cli("sft-eval", f"checkpoint={tmp_path / 'run'}", f"dataset.root={tmp_path / 'other'}",
-                     "split=val", cwd=tmp_path)
-    assert result.returncode == 1 and "wolf" in result.output and "fox" in result.output
-    assert "Traceback" not in result.output
-
-
 def test_predict_on_an_image_folder_agrees_with_eval_on_every_image(tmp_path: Path):
     for split, seed in (("train", 0), ("test", 1)):
         write_image_folder(tmp_path / "shapes" / split, ["circle", "square", "star"], per_class=10, size=24, seed=seed)
@@ -205,3 +180,10 @@ def test_predict_on_an_image_folder_agrees_with_eval_on_every_image(tmp_path: Pa
     confusion = [[sum(1 for t, p in zip(truth, predicted) if (t, p) == (a, b)) for b in report["classes"]]
                  for a in report["classes"]]
     assert confusion == report["confusion"]  # the same prediction for every image, not just the same count
+
+    # sft-eval on a folder whose classes differ from the checkpoint's is refused, naming both
+    write_image_folder(tmp_path / "other" / "test", ["circle", "square", "wolf"], per_class=2, size=24)
+    write_image_folder(tmp_path / "other" / "train", ["circle", "square", "wolf"], per_class=10, size=24)
+    result = run_cli("sft-eval", "checkpoint=run", f"dataset.root={tmp_path / 'other'}", cwd=tmp_path)
+    assert result.returncode == 1 and "wolf" in result.output and "star" in result.output
+    assert "Traceback" not in result.output
