@@ -32,7 +32,16 @@ def predict_main() -> None:
     """sft-predict: like sft-eval, composed over the checkpoint's own config."""
     _refuse_used_run_dir(sys.argv[1:])
     ConfigStore.instance().store(name="_checkpoint_", node=_checkpoint_config(_arg(sys.argv[1:], "checkpoint")))
+    sys.argv = [_quote_text(a) for a in sys.argv]
     _predict()
+
+
+def _quote_text(arg: str) -> str:
+    # text="Great, loved it" would otherwise be parsed by Hydra's grammar (a comma means a sweep, a lone
+    # quote is a syntax error, 5 becomes an int): hand the text over as one quoted string.
+    if not arg.startswith("text=") or arg[5:6] in ("'", '"'):
+        return arg
+    return "text='" + arg[5:].replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def export_main() -> None:

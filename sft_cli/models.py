@@ -125,6 +125,10 @@ def hf_classifier(name_or_path: str, classes: list[str], weights: str | None = "
         raise SFTError(f"model.name_or_path={name_or_path} could not be loaded ({type(e).__name__}: {str(e)[:300]}). "
                        "Give a local folder saved with save_pretrained(), or run once with network access so the "
                        "hub files are cached.") from e
+    model.float()  # transformers keeps a checkpoint's stored dtype (bf16, fp16): train in fp32, autocast on top
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # GPT-2 style: pad with end-of-sequence
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
     wrapper = TextClassifier(model, tokenizer)
     base = model.base_model_prefix
     blocks = max((n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.startswith(base)),
@@ -133,6 +137,8 @@ def hf_classifier(name_or_path: str, classes: list[str], weights: str | None = "
     expand = ["model"] + [f"model.{'.'.join(parts[:i])}" for i in range(1, len(parts) + 1)]
     stem = [f"model.{base}.embeddings"] if hasattr(model.base_model, "embeddings") else []
     wrapper.sft_stages = stage_names(wrapper, stem, expand)
+    last_block = max(i for i, (name, _) in enumerate(wrapper.sft_stages) if name.startswith(f"model.{blocks}."))
+    wrapper.sft_top_stages = [name for name, _ in wrapper.sft_stages[last_block + 1:]]  # lr-decay depth 0
     # stages made from scratch here (the classifier head and anything else the checkpoint lacked) always train
     created = {f"model.{n}" for n in created}
     wrapper.sft_new_stages = [name for name, members in wrapper.sft_stages

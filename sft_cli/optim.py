@@ -17,12 +17,14 @@ def param_groups(model: nn.Module, head: str, lr: float, weight_decay: float, he
 
     Biases and normalisation weights (every 1-D parameter) get no weight decay. With layer_decay
     (layer-wise lr decay, the standard BERT/ViT fine-tuning recipe), the stage k stages below the top
-    (model.sft_stages) trains at lr x layer_decay**k. Frozen parameters are included so that gradual
+    (model.sft_stages) trains at lr x layer_decay**k. Each group's `lr_scale` is its lr / optimizer.lr. Frozen parameters are included so that gradual
     unfreezing can wake them up; optimizers skip a parameter whose .grad is None, so they cost nothing."""
     depth = {}  # parameter name -> stages below the top
     if layer_decay is not None:
-        stages = model.sft_stages
-        for k, (_, members) in enumerate(reversed(stages)):
+        # the top is the head, or for transformers everything above the last encoder layer (pooler too)
+        top = getattr(model, "sft_top_stages", [model.sft_stages[-1][0]])
+        below = [stage for stage in model.sft_stages if stage[0] not in top]
+        for k, (_, members) in enumerate(reversed(below), 1):
             for member in members:
                 for name, _ in model.named_parameters():
                     if name == member or name.startswith(member + "."):
@@ -34,6 +36,7 @@ def param_groups(model: nn.Module, head: str, lr: float, weight_decay: float, he
     return [{"params": params,
              "name": f"{'head' if is_head else 'backbone'}{f'/depth{k}' if k else ''}{'/no_decay' if no_decay else ''}",
              "lr": (head_lr if is_head and head_lr is not None else lr) * (layer_decay ** k if k else 1.0),
+             "lr_scale": (head_lr / lr if is_head and head_lr is not None else 1.0) * (layer_decay ** k if k else 1.0),
              "weight_decay": 0.0 if no_decay else weight_decay}
             for (is_head, no_decay, k), params in sorted(groups.items())]
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from sft_cli import checkpoint, console, data, runtime
 from sft_cli.errors import SFTError
+from sft_cli.text_data import read_inputs
 from sft_cli.train import to_device
 
 log = logging.getLogger("sft_cli.predict")
@@ -23,12 +24,22 @@ def predict(cfg: DictConfig, out_dir: Path) -> list[dict]:
     cfg.output (.csv or .jsonl) or printed as a table."""
     if (cfg.text is None) == (cfg.input is None):
         raise SFTError("give exactly one of text=\"...\" or input=<file or folder>")
+    if cfg.top_k < 1:
+        raise SFTError(f"top_k={cfg.top_k} must be at least 1")
+    if cfg.output is not None and Path(cfg.output).suffix not in (".csv", ".jsonl"):
+        raise SFTError(f"output={cfg.output} must end in .csv or .jsonl (or leave it out to print a table)")
     ckpt = checkpoint.resolve(cfg.checkpoint)
     device = runtime.pick_device(cfg.trainer.device)
     model, classes = checkpoint.load_model(cfg, ckpt, device)
     is_text = hasattr(model, "tokenizer")
-    items = [cfg.text] if cfg.text is not None else (_texts(Path(cfg.input), cfg.dataset.get("text_field", "text"))
-                                                       if is_text else _images(Path(cfg.input)))
+    pair_field = cfg.dataset.get("text_pair_field") if is_text else None
+    if cfg.text is not None:
+        if pair_field:
+            raise SFTError(f"this checkpoint classifies text pairs ({cfg.dataset.text_field}, {pair_field}): give "
+                           "input= a .csv/.tsv/.jsonl file with both fields")
+        items = [(str(cfg.text), None)]
+    else:
+        items = _texts(Path(cfg.input), cfg.dataset.text_field, pair_field) if is_text else _images(Path(cfg.input))
     rows = []
     with torch.inference_mode(), runtime.autocast(device, cfg.trainer.precision):
         for start in range(0, len(items), cfg.batch_size):
@@ -38,26 +49,24 @@ def predict(cfg: DictConfig, out_dir: Path) -> list[dict]:
             probs = model(to_device(inputs, device)).float().softmax(dim=1).cpu()
             top = probs.topk(min(cfg.top_k, len(classes)), dim=1)
             for item, scores, indices in zip(batch, top.values.tolist(), top.indices.tolist()):
-                rows.append({"input": str(item), "label": classes[indices[0]], "score": scores[0],
+                shown = item[0] if is_text and item[1] is None else " [SEP] ".join(item) if is_text else str(item)
+                rows.append({"input": shown, "label": classes[indices[0]], "score": scores[0],
                              "top_k": [{"label": classes[i], "score": s} for i, s in zip(indices, scores)]})
     _write(rows, cfg.output)
     return rows
 
 
-def _texts(path: Path, text_field: str) -> list[str]:
-    """One text per line (.txt), or the text_field column of a .csv/.tsv (header needed) or key of a .jsonl."""
+def _texts(path: Path, text_field: str, pair_field: str | None) -> list[tuple[str, str | None]]:
+    """(text, pair) per input: a .txt file holds one text per line; .csv/.tsv/.jsonl are read as training
+    reads them, with dataset.text_field (and text_pair_field)."""
     if not path.is_file():
-        raise SFTError(f"input={path} does not exist")
-    if path.suffix == ".jsonl":
-        return [json.loads(line)[text_field] for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix in (".csv", ".tsv"):
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
-            if text_field not in (reader.fieldnames or []):
-                raise SFTError(f"input={path} has no column {text_field!r} (columns: {reader.fieldnames}); "
-                               "set dataset.text_field=...")
-            return [row[text_field] for row in reader]
-    return [line for line in path.read_text().splitlines() if line.strip()]
+        raise SFTError(f"input={path} is not a file: give a .txt (one text per line), .csv, .tsv or .jsonl file")
+    if path.suffix.lower() in (".csv", ".tsv", ".jsonl"):
+        return read_inputs(path, text_field, pair_field)
+    if pair_field:
+        raise SFTError(f"input={path}: this checkpoint classifies text pairs, so give a .csv/.tsv/.jsonl file "
+                       f"with the fields {text_field} and {pair_field}")
+    return [(line, None) for line in path.read_text(encoding="utf-8-sig").split("\n") if line.strip()]
 
 
 def _images(path: Path) -> list[Path]:
@@ -68,16 +77,21 @@ def _images(path: Path) -> list[Path]:
     return paths
 
 
-def _encode_texts(tokenizer, texts: list[str], max_length: int) -> dict:
-    return dict(tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
+def _encode_texts(tokenizer, items: list[tuple[str, str | None]], max_length: int) -> dict:
+    texts, pairs = [t for t, _ in items], [p for _, p in items]
+    return dict(tokenizer(texts, pairs if pairs[0] is not None else None, truncation=True, max_length=max_length,
+                          padding=True, return_tensors="pt"))
 
 
 def _encode_images(paths: list[Path], transforms: dict) -> torch.Tensor:
     transform = data.image_transforms(False, **transforms)  # exactly what evaluation applies
-    try:
-        return torch.stack([transform(Image.open(p)) for p in paths])
-    except OSError as e:
-        raise SFTError(f"could not read an image of input=: {e}") from e
+    images = []
+    for p in paths:
+        try:
+            images.append(transform(Image.open(p).convert("RGB")))  # as ImageFolder reads them: palettes, alpha
+        except (OSError, ValueError) as e:
+            raise SFTError(f"could not read the image {p}: {e}") from e
+    return torch.stack(images)
 
 
 def _write(rows: list[dict], output: str | None) -> None:
@@ -87,6 +101,8 @@ def _write(rows: list[dict], output: str | None) -> None:
                                for r in rows], ["input", "label", "score", "top_k"], "predictions")
         return
     path = Path(output)
+    if path.is_dir():
+        raise SFTError(f"output={output} is a folder: give a file name ending in .csv or .jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -97,8 +113,6 @@ def _write(rows: list[dict], output: str | None) -> None:
             for r in rows:
                 writer.writerow([r["input"], r["label"], r["score"],
                                  ";".join(f"{t['label']}:{t['score']:.6f}" for t in r["top_k"])])
-    else:
-        raise SFTError(f"output={output} must end in .csv or .jsonl (or leave it out to print a table)")
     log.info(f"wrote {len(rows)} predictions to {path}")
 
 

@@ -176,6 +176,23 @@ def _jsonl(path: Path):
             yield line, record if isinstance(record, dict) else f"is a JSON {type(record).__name__}, not an object"
 
 
+def read_inputs(path: Path, text_field: str, text_pair_field: str | None) -> list[tuple[str, str | None]]:
+    """(text, pair) per row of an unlabelled .csv/.tsv/.jsonl file, read as training reads files (for
+    sft-predict); a bad row is an error naming the file and line."""
+    suffix = path.suffix.lower()
+    fields = (text_field, text_pair_field)
+    records = _jsonl(path) if suffix == ".jsonl" else _table(path, DELIMITERS[suffix], fields)
+    out = []
+    for line, record in records:
+        texts = [None if isinstance(record, str) else _text(record.get(f)) for f in fields if f]
+        if isinstance(record, str) or not all(texts):
+            why = record if isinstance(record, str) else f"has no {' or '.join(f for f in fields if f)}"
+            raise SFTError(f"{path}:{line}: the row {why}. Set dataset.text_field (and text_pair_field) to its "
+                           "field names.")
+        out.append((texts[0], texts[1] if text_pair_field else None))
+    return out
+
+
 def _row(record: dict, fields: tuple, known: dict[str, int] | None) -> tuple[str | None, tuple | None]:
     """(problem, None) for a bad record, else (None, (text, pair, label name))."""
     text_field, pair_field, label_field = fields
@@ -224,18 +241,29 @@ def _load_tokenizer(name_or_path: str):
 
     local = Path(to_absolute_path(name_or_path))
     try:
-        return AutoTokenizer.from_pretrained(str(local) if local.exists() else name_or_path)
+        tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else name_or_path)
+        if tok.pad_token is None and tok.eos_token is not None:  # GPT-2 style: pad with end-of-sequence
+            tok.pad_token = tok.eos_token
+        return tok
     except (OSError, ValueError) as e:
         raise SFTError(f"model.name_or_path={name_or_path}: its tokenizer could not be loaded ({type(e).__name__}: "
                        f"{str(e)[:300]}). Give a local folder saved with save_pretrained(), or run once with "
                        "network access so the hub files are cached.") from e
 
 
+def _fingerprint(tok) -> str:
+    """What the tokenizer does, not where it lives: the same tokenizer under checkpoints/best/hf and
+    checkpoints/last/hf shares cached tokens, and a folder re-saved with another vocabulary does not."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    return hashlib.sha256(f"{type(tok).__name__}{spec}{tok.model_max_length}".encode()).hexdigest()
+
+
 def _encode(tok, path: Path, rows: list[tuple], fields: tuple, max_length: int, cache: Path) -> dict:
     """{feature: token ids per row}, truncated to max_length and unpadded; cached per tokenizer (and its
     vocabulary size), file version, max_length, fields and the rows kept."""
     stat = path.stat()
-    key = json.dumps([tok.name_or_path, len(tok), str(path), stat.st_size, stat.st_mtime_ns, max_length, fields,
+    key = json.dumps([_fingerprint(tok), str(path), stat.st_size, stat.st_mtime_ns, max_length, fields,
                       [row[0] for row in rows]])
     file = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
     try:
@@ -277,7 +305,8 @@ def hub_dataset(path: str, tokenizer: str, name: str | None = None, train_split:
         raise SFTError(f"could not load the hub dataset {path}/{name} ({type(e).__name__}: {str(e)[:300]}). It needs "
                        "network access once (then it is cached), or use local files with dataset=text_files.") from e
     feature = hub[train_split].features[label_field]
-    classes = list(feature.names) if hasattr(feature, "names") else sorted({str(v) for v in hub[train_split][label_field]})
+    classes = list(feature.names) if hasattr(feature, "names") else _classes([str(v) for v in hub[train_split][label_field]],
+                                                                              Path(f"{path}/{name}"))
     tok = _load_tokenizer(tokenizer)
 
     def tokenized(split: str) -> TokenizedTexts:

@@ -96,7 +96,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                                       device, t, len(classes), state, epoch, total_steps, files, started)
         state.epoch = epoch + 1
         finished = state.epoch == t.max_epochs or state.step >= total_steps
-        row = {"epoch": state.epoch, "step": state.step, "lr": optimizer.param_groups[0]["lr"],
+        row = {"epoch": state.epoch, "step": state.step, "lr": base_lr(optimizer),
                **{f"train_{k}": v for k, v in train_stats.items()}}
         improved = False
         if state.epoch % t.val_every_n_epochs == 0 or finished:
@@ -195,7 +195,7 @@ def train_one_epoch(model, loader, criterion, extra_loss, optimizer, scheduler, 
                 bar.advance(task, group)
             if state.step % t.log_every_n_steps == 0:
                 record = {"epoch": epoch + 1, "step": state.step, "split": "train", **window.read(),
-                          "lr": optimizer.param_groups[0]["lr"], "elapsed": state.elapsed + time.perf_counter() - started}
+                          "lr": base_lr(optimizer), "elapsed": state.elapsed + time.perf_counter() - started}
                 files.record(record)
                 if bar:
                     bar.update(task, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
@@ -243,6 +243,12 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion, device: torch.devi
     result = {**window.read(), **metrics.scores(window.confusion), "confusion": window.confusion.tolist()}
     result["samples_per_s"] = window.samples / (time.perf_counter() - start)
     return result
+
+
+def base_lr(optimizer) -> float:
+    """The scheduled optimizer.lr, whatever head_lr or layer_decay do to each group (what gets logged)."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_scale", 1.0)
 
 
 def to_device(inputs, device: torch.device):

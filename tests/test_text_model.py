@@ -27,8 +27,9 @@ def test_layer_wise_lr_decay_shrinks_the_lr_one_factor_per_stage_below_the_top(t
     model = models.hf_classifier(str(tiny_bert), ["neg", "pos"])
     groups = optim.param_groups(model, "model.classifier", lr=1.0, weight_decay=0.01, head_lr=None, layer_decay=0.5)
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
-    expected = {"model.classifier": 1.0, "model.bert.pooler": 0.5, "model.bert.encoder.layer.2": 0.25,
-                "model.bert.encoder.layer.0": 0.0625, "model.bert.embeddings": 0.03125}
+    # the head and the pooler (everything above the last encoder layer) are the top: lr x 0.5**0
+    expected = {"model.classifier": 1.0, "model.bert.pooler": 1.0, "model.bert.encoder.layer.2": 0.5,
+                "model.bert.encoder.layer.0": 0.125, "model.bert.embeddings": 0.0625}
     for name, p in model.named_parameters():
         prefix = next((k for k in expected if name.startswith(k + ".")), None)
         if prefix:
