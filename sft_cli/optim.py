@@ -17,8 +17,9 @@ def param_groups(model: nn.Module, head: str, lr: float, weight_decay: float, he
 
     Biases and normalisation weights (every 1-D parameter) get no weight decay. With layer_decay
     (layer-wise lr decay, the standard BERT/ViT fine-tuning recipe), the stage k stages below the top
-    (model.sft_stages) trains at lr x layer_decay**k. Each group's `lr_scale` is its lr / optimizer.lr. Frozen parameters are included so that gradual
-    unfreezing can wake them up; optimizers skip a parameter whose .grad is None, so they cost nothing."""
+    (model.sft_stages) trains at lr x layer_decay**k. Each group's `lr_scale` is its lr / optimizer.lr.
+    Frozen parameters are included so that gradual unfreezing can wake them up; optimizers skip a
+    parameter whose .grad is None, so they cost nothing while frozen."""
     depth = {}  # parameter name -> stages below the top
     if layer_decay is not None:
         # the top is the head, or for transformers everything above the last encoder layer (pooler too)

@@ -305,8 +305,10 @@ def hub_dataset(path: str, tokenizer: str, name: str | None = None, train_split:
         raise SFTError(f"could not load the hub dataset {path}/{name} ({type(e).__name__}: {str(e)[:300]}). It needs "
                        "network access once (then it is cached), or use local files with dataset=text_files.") from e
     feature = hub[train_split].features[label_field]
-    classes = list(feature.names) if hasattr(feature, "names") else _classes([str(v) for v in hub[train_split][label_field]],
-                                                                              Path(f"{path}/{name}"))
+    if hasattr(feature, "names"):
+        classes = list(feature.names)
+    else:
+        classes = _classes([str(v) for v in hub[train_split][label_field]], Path(f"{path}/{name}"))
     tok = _load_tokenizer(tokenizer)
 
     def tokenized(split: str) -> TokenizedTexts:

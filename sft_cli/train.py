@@ -291,7 +291,8 @@ def resume(cfg: DictConfig, run_dir: Path, classes, model, optimizer, scheduler,
     checkpoint.load_weights(ckpt, model)
     blob = checkpoint.load_state(ckpt)
     if isinstance(scheduler, OneCycleLR) and blob["scheduler"].get("total_steps") != total_steps:
-        raise SFTError(f"resume={cfg.resume}: scheduler=onecycle was planned for {blob['scheduler'].get('total_steps')} "
+        planned = blob["scheduler"].get("total_steps")
+        raise SFTError(f"resume={cfg.resume}: scheduler=onecycle was planned for {planned} "
                        f"steps and cannot be stretched to {total_steps}: keep trainer.max_epochs/max_steps as they "
                        "were, or use a scheduler such as cosine, whose length follows the current config.")
     try:

@@ -2,7 +2,6 @@
 
 import argparse
 import os
-import pickle
 from collections import OrderedDict
 from pathlib import Path
 
