@@ -24,14 +24,14 @@ def eval_main() -> None:
     """sft-eval: the checkpoint's own config.yaml is put under the eval options before Hydra composes, so
     any key of the training run can be overridden as `key=value` (dataset.root=..., trainer.device=...)."""
     _refuse_used_run_dir(sys.argv[1:])
-    ConfigStore.instance().store(name="_checkpoint_", node=_checkpoint_config(_arg(sys.argv[1:], "checkpoint")))
+    _store_checkpoint_config(sys.argv[1:])
     _eval()
 
 
 def predict_main() -> None:
     """sft-predict: like sft-eval, composed over the checkpoint's own config."""
     _refuse_used_run_dir(sys.argv[1:])
-    ConfigStore.instance().store(name="_checkpoint_", node=_checkpoint_config(_arg(sys.argv[1:], "checkpoint")))
+    _store_checkpoint_config(sys.argv[1:])
     sys.argv = [_quote_text(a) for a in sys.argv]
     _predict()
 
@@ -46,7 +46,7 @@ def _quote_text(arg: str) -> str:
 
 def export_main() -> None:
     """sft-export: a transformers checkpoint as a save_pretrained() folder."""
-    ConfigStore.instance().store(name="_checkpoint_", node=_checkpoint_config(_arg(sys.argv[1:], "checkpoint")))
+    _store_checkpoint_config(sys.argv[1:])
     _export()
 
 
@@ -116,12 +116,15 @@ def _refuse_used_run_dir(argv: list[str]) -> None:
                            "there. Leave hydra.run.dir at its default or choose another folder."))
 
 
-def _checkpoint_config(path: str | None) -> DictConfig:
-    if path is None:
-        return OmegaConf.create({})  # Hydra then reports `checkpoint` as missing
-    from sft_cli import checkpoint
+def _store_checkpoint_config(argv: list[str]) -> None:
+    """Put the config.yaml of the checkpoint named by `checkpoint=` where eval/predict/export.yaml's
+    defaults list expects it (`_checkpoint_`); empty without one, and Hydra reports `checkpoint` missing."""
+    path, node = _arg(argv, "checkpoint"), OmegaConf.create({})
+    if path is not None:
+        from sft_cli import checkpoint
 
-    try:
-        return checkpoint.load_config(checkpoint.resolve(path))
-    except SFTError as e:
-        _fail(e)
+        try:
+            node = checkpoint.load_config(checkpoint.resolve(path))
+        except SFTError as e:
+            _fail(e)
+    ConfigStore.instance().store(name="_checkpoint_", node=node)

@@ -141,13 +141,10 @@ def hf_classifier(name_or_path: str, classes: list[str], weights: str | None = "
     wrapper.sft_top_stages = [name for name, _ in wrapper.sft_stages[last_block + 1:]]  # lr-decay depth 0
     # stages made from scratch here (the classifier head and anything else the checkpoint lacked) always train
     created = {f"model.{n}" for n in created}
-    wrapper.sft_new_stages = [name for name, members in wrapper.sft_stages
-                              if all(n in created for m in members for n, _ in _named_params(wrapper, m))]
+    params = [n for n, _ in wrapper.named_parameters()]
+
+    def is_new(members: list[str]) -> bool:
+        return all(n in created for n in params if any(n == m or n.startswith(m + ".") for m in members))
+
+    wrapper.sft_new_stages = [name for name, members in wrapper.sft_stages if is_new(members)]
     return wrapper
-
-
-def _named_params(model: nn.Module, member: str):
-    try:
-        yield from ((f"{member}.{n}", p) for n, p in model.get_submodule(member).named_parameters())
-    except AttributeError:
-        yield member, model.get_parameter(member)

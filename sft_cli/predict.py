@@ -40,12 +40,13 @@ def predict(cfg: DictConfig, out_dir: Path) -> list[dict]:
         items = [(str(cfg.text), None)]
     else:
         items = _texts(Path(cfg.input), cfg.dataset.text_field, pair_field) if is_text else _images(Path(cfg.input))
+    transform = None if is_text else data.image_transforms(False, **cfg.dataset.transforms)  # as evaluation does
     rows = []
     with torch.inference_mode(), runtime.autocast(device, cfg.trainer.precision):
         for start in range(0, len(items), cfg.batch_size):
             batch = items[start:start + cfg.batch_size]
             inputs = _encode_texts(model.tokenizer, batch, cfg.dataset.max_length) if is_text \
-                else _encode_images(batch, cfg.dataset.transforms)
+                else _encode_images(batch, transform)
             probs = model(to_device(inputs, device)).float().softmax(dim=1).cpu()
             top = probs.topk(min(cfg.top_k, len(classes)), dim=1)
             for item, scores, indices in zip(batch, top.values.tolist(), top.indices.tolist()):
@@ -83,8 +84,7 @@ def _encode_texts(tokenizer, items: list[tuple[str, str | None]], max_length: in
                           padding=True, return_tensors="pt"))
 
 
-def _encode_images(paths: list[Path], transforms: dict) -> torch.Tensor:
-    transform = data.image_transforms(False, **transforms)  # exactly what evaluation applies
+def _encode_images(paths: list[Path], transform) -> torch.Tensor:
     images = []
     for p in paths:
         try:
