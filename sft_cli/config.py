@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sft_cli.errors import SFTError, not_one_of
 
-PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
 MONITORS = ("val/accuracy", "val/macro_f1", "val/loss")
 MODES = ("max", "min")
 
@@ -33,12 +33,14 @@ class TrainerSchema:
     """Types for configs/trainer/: a wrong type is a keyed error before anything runs."""
 
     device: str = "auto"
+    devices: int = 1
+    sync_batchnorm: bool = False
     max_epochs: int = 10
     max_steps: Optional[int] = None
     batch_size: int = 128
     eval_batch_size: Optional[int] = None
     num_workers: int = 2
-    precision: str = "32"
+    precision: str = "auto"
     accumulate_grad_batches: int = 1
     gradient_clip_norm: Optional[float] = None
     val_every_n_epochs: int = 1
@@ -47,12 +49,40 @@ class TrainerSchema:
     mode: str = "max"
     early_stopping_patience: Optional[int] = None
     deterministic: bool = False
+    channels_last: Optional[bool] = None
+    compile: bool = False
+    persistent_workers: bool = False
     progress_bar: bool = True
 
 
 ConfigStore.instance().store(group="trainer", name="schema", node=TrainerSchema)
-# Run folders are named <time>_<pid> so two runs started in the same second never share one.
-OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), replace=True)
+# Run folders are named <time>_<pid> so two runs started in the same second never share one. Cached like
+# ${now:}, so that the runs of a sweep in other processes (hydra/launcher=joblib) share the sweep's folder.
+OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), replace=True, use_cache=True)
+
+
+def optuna_direction(mode: str) -> str:
+    """hparams_search/*.yaml: `${optuna_direction:${trainer.mode}}`, so the search optimises the way
+    checkpoints/best is chosen."""
+    if mode not in MODES:
+        raise SFTError(not_one_of("trainer.mode", mode, MODES))
+    return "maximize" if mode == "max" else "minimize"
+
+
+def jobs_at_once(launcher: DictConfig) -> int:
+    """How many jobs Hydra's launcher runs at the same time: joblib's n_jobs (-1 is one per core, -2 all
+    but one, as joblib counts), SLURM's array_parallelism, else 1."""
+    target = launcher.get("_target_", "")
+    if "joblib" in target:
+        n = launcher.n_jobs
+        return max(1, n if n > 0 else (os.cpu_count() or 1) + 1 + n)
+    if "submitit" in target:
+        return launcher.get("array_parallelism", 1)
+    return 1
+
+
+OmegaConf.register_new_resolver("optuna_direction", optuna_direction, replace=True)
+OmegaConf.register_new_resolver("trials_at_once", jobs_at_once, replace=True)
 
 
 def require(cfg: DictConfig) -> None:
@@ -79,12 +109,16 @@ def check(cfg: DictConfig) -> None:
                         f"{'min' if t.monitor == 'val/loss' else 'max'}")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device):
         problems.append(not_one_of("trainer.device", t.device, ("auto", "cpu", "cuda", "cuda:N", "mps")))
-    for key in ("max_epochs", "batch_size", "accumulate_grad_batches", "val_every_n_epochs", "log_every_n_steps"):
+    for key in ("max_epochs", "devices", "batch_size", "accumulate_grad_batches", "val_every_n_epochs",
+                "log_every_n_steps"):
         if t[key] < 1:
             problems.append(f"trainer.{key}={t[key]} must be at least 1")
     for key in ("max_steps", "eval_batch_size", "early_stopping_patience"):
         if t[key] is not None and t[key] < 1:
             problems.append(f"trainer.{key}={t[key]} must be at least 1, or null")
+    if t.devices > 1 and t.batch_size % t.devices:
+        problems.append(f"trainer.batch_size={t.batch_size} is the global batch and must divide evenly over "
+                        f"trainer.devices={t.devices}: use a multiple of {t.devices}")
     if t.num_workers < 0:
         problems.append(f"trainer.num_workers={t.num_workers} must be 0 or more")
     if not isinstance(cfg.seed, int):

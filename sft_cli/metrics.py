@@ -5,10 +5,15 @@ import json
 import torch
 
 
-def confusion(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(num_classes, num_classes) counts: row = true class, column = predicted class."""
+def confusion(logits: torch.Tensor, targets: torch.Tensor, num_classes: int,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """(num_classes, num_classes) counts: row = true class, column = predicted class; added into `out`
+    when given. index_add_, unlike bincount, never waits for the GPU (bincount reads the maximum first)."""
+    if out is None:
+        out = torch.zeros(num_classes, num_classes, dtype=torch.long, device=targets.device)
     idx = targets * num_classes + logits.argmax(dim=1)
-    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    out.view(-1).index_add_(0, idx, torch.ones_like(idx))
+    return out
 
 
 def scores(cm: torch.Tensor) -> dict:
@@ -35,28 +40,35 @@ def scores(cm: torch.Tensor) -> dict:
 
 class MetricsFiles:
     """metrics.jsonl (a record per logging interval and per validation) and metrics.csv (a row per epoch)
-    in the run folder. Each write is flushed, so a killed run keeps everything up to its last record."""
+    in the run folder. Each write is flushed, so a killed run keeps everything up to its last record.
+    With enabled=False (DDP ranks other than 0) it writes nothing."""
 
     CSV_COLUMNS = ("epoch", "step", "train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy",
                    "val_macro_f1", "lr", "train_samples_per_s", "elapsed")
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         self.csv = open(run_dir / "metrics.csv", "a")
         if self.csv.tell() == 0:
             self.csv.write(",".join(self.CSV_COLUMNS) + "\n")
 
     def record(self, record: dict) -> None:
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
+        if self.enabled:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
 
     def epoch_row(self, row: dict) -> None:
-        self.csv.write(",".join(_csv_value(row.get(c)) for c in self.CSV_COLUMNS) + "\n")
-        self.csv.flush()
+        if self.enabled:
+            self.csv.write(",".join(_csv_value(row.get(c)) for c in self.CSV_COLUMNS) + "\n")
+            self.csv.flush()
 
     def close(self) -> None:
-        self.jsonl.close()
-        self.csv.close()
+        if self.enabled:
+            self.jsonl.close()
+            self.csv.close()
 
 
 def _csv_value(value) -> str:

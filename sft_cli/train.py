@@ -3,8 +3,11 @@
 The recipe reads top to bottom: seed/device -> data -> model -> freeze -> loss/optimizer/scheduler ->
 resume -> epoch loop (train, validate, checkpoint) -> test of the best checkpoint -> summary.json.
 train_one_epoch() and evaluate() follow it in this file; there are no hooks or callbacks.
+Under torchrun every process runs this recipe on its shard of the data (see distributed.py); `ctx.is_main`
+marks what only rank 0 does: write files and print.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -13,13 +16,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 from torch import nn
 from torch.optim.lr_scheduler import OneCycleLR, ReduceLROnPlateau
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
-from sft_cli import checkpoint, config, console, data, freeze, loss, metrics, models, optim, runtime
+from sft_cli import checkpoint, config, console, data, distributed, freeze, loss, metrics, models, optim, runtime
 from sft_cli.errors import SFTError
 
 log = logging.getLogger("sft_cli.train")
@@ -29,15 +33,28 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     """Run the whole recipe; return the best value of trainer.monitor (what sweepers optimise)."""
     config.check(cfg)
     t = cfg.trainer
-    if (run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists():
+    if t.devices > 1 and not distributed.under_torchrun():  # sft-train trainer.devices=N: start N processes
+        return distributed.launch(list(HydraConfig.get().overrides.task), run_dir, t.devices, t.device)
+    ctx, device = distributed.init(t.device)
+    run_dir = Path(distributed.broadcast_object(str(run_dir), ctx))  # the folder rank 0's Hydra made
+    if ctx.is_main and ((run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists()):
         raise SFTError(f"{run_dir} already holds a run; it is left untouched. Choose another hydra.run.dir.")
-    console.print_config(cfg)
+    if ctx.enabled and t.devices not in (1, ctx.world_size):
+        raise SFTError(f"trainer.devices={t.devices} but torchrun started {ctx.world_size} processes: "
+                       "leave trainer.devices at 1 under torchrun (its --nproc_per_node decides).")
+    if t.sync_batchnorm and ctx.enabled and device.type != "cuda":
+        raise SFTError("trainer.sync_batchnorm=true needs CUDA (torch's SyncBatchNorm runs on GPUs only): set "
+                       "trainer.sync_batchnorm=false on CPU.")
+    if t.batch_size % ctx.world_size:
+        raise SFTError(f"trainer.batch_size={t.batch_size} is the global batch and must divide evenly over "
+                       f"{ctx.world_size} processes: use a multiple of {ctx.world_size}.")
+    if ctx.is_main:
+        console.print_config(cfg)
     started = time.perf_counter()
 
-    # Seed and device
-    device = runtime.pick_device(t.device)
+    # Seed and device (the model's initial weights are rank 0's: DDP broadcasts them when it wraps the model)
     runtime.seed_everything(cfg.seed, t.deterministic)
-    if device.type == "cpu" and t.precision != "32":
+    if device.type == "cpu" and t.precision not in ("32", "auto"):
         log.warning(f"trainer.precision={t.precision} on a CPU: most CPUs run it many times slower than 32")
 
     # Data. Its paths are made absolute, so checkpoints (which hold this config) work from any folder.
@@ -47,16 +64,24 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     log.info(f"dataset <{cfg.dataset._target_}>")
     splits = config.build(cfg.dataset)
     classes = splits.classes
-    train_loader = make_loader(splits.train, t.batch_size, t.num_workers, device, shuffle=True, collate=splits.collate,
-                               group_lengths=splits.group_lengths)
-    eval_batch = t.eval_batch_size or 2 * t.batch_size
-    val_loader = make_loader(splits.val, eval_batch, t.num_workers, device, shuffle=False, collate=splits.collate)
+    batch = t.batch_size // ctx.world_size  # per process; the global batch is what the config says
+    train_loader = make_loader(splits.train, batch, t.num_workers, device, shuffle=True, collate=splits.collate,
+                               group_lengths=splits.group_lengths, ctx=ctx, seed=cfg.seed,
+                               persistent_workers=t.persistent_workers)
+    eval_batch = t.eval_batch_size or 2 * batch
+    val_loader = make_loader(splits.val, eval_batch, t.num_workers, device, shuffle=False, collate=splits.collate,
+                             ctx=ctx, persistent_workers=t.persistent_workers)
     log.info(f"{len(classes)} classes; {len(splits.train)} train / {len(splits.val)} val / "
              f"{len(splits.test) if splits.test is not None else 0} test examples")
 
     # Model and freezing: the policy says which stages train in each epoch
     log.info(f"model <{cfg.model._target_}> {cfg.model.get('name', '')} (weights: {cfg.model.get('weights')})")
-    model = config.build(cfg.model, classes=classes).to(device)
+    model = config.build(cfg.model, classes=classes)
+    if ctx.enabled and t.sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if t.channels_last or (t.channels_last is None and device.type == "cuda" and not isinstance(model, models.TextClassifier)):
+        model = model.to(memory_format=torch.channels_last)
     head, stages = models.head_name(model), model.sft_stages
     policy = config.build(cfg.freeze)
 
@@ -66,36 +91,47 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     frozen = frozen_at(0)
     freeze.apply(model, stages, frozen)
     counts = freeze.parameter_counts(model, stages)
-    console.print_stages(counts)
+    if ctx.is_main:
+        console.print_stages(counts)
+    if t.compile:
+        model.compile()  # in place: training (through DDP too) and evaluation call the compiled forward
+    trained = distributed.wrap(model, device, ctx)  # what the forward pass calls: model, or its DDP wrapper
 
     # Loss, optimizer and lr schedule
     criterion = loss.cross_entropy(cfg.loss, splits.train_targets, len(classes), device)
     extra_loss = config.build(cfg.loss.extra, model=model) if cfg.loss.extra else None
     optimizer = optim.build_optimizer(cfg.optimizer, model, head)
     steps_per_epoch = math.ceil(len(train_loader) / t.accumulate_grad_batches)
-    total_steps = min(t.max_steps or math.inf, steps_per_epoch * t.max_epochs)
+    total_steps = min(t.max_steps or math.inf, steps_per_epoch * t.max_epochs)  # what the schedule plans for
+    step_limit = t.max_steps or math.inf  # epochs bound the run otherwise (a resumed run may step differently)
     scheduler = config.build(cfg.scheduler, optimizer, num_training_steps=total_steps, steps_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "16-mixed")
 
     # Resume: weights, optimizer, schedule, RNG, counters and best metric from the checkpoint
     state = SimpleNamespace(epoch=0, step=0, best=None, best_epoch=None, bad_validations=0, elapsed=0.0)
     if cfg.resume:
-        state = resume(cfg, run_dir, classes, model, optimizer, scheduler, scaler, total_steps)
-    files = metrics.MetricsFiles(run_dir)
+        state = resume(cfg, run_dir, classes, model, optimizer, scheduler, scaler, total_steps, ctx)
+    files = metrics.MetricsFiles(run_dir, enabled=ctx.is_main)
 
     # The epoch loop
     sign, patience = (1 if t.mode == "max" else -1), t.early_stopping_patience
     for epoch in range(state.epoch, t.max_epochs):
-        if state.step >= total_steps or (patience and state.bad_validations >= patience):
+        if state.step >= step_limit or (patience and state.bad_validations >= patience):
             break  # max_steps reached or out of patience (also when resuming a run that had finished)
-        if (now_frozen := frozen_at(epoch)) != frozen:
+        unfreezing = (now_frozen := frozen_at(epoch)) != frozen
+        if unfreezing:
             log.info(f"epoch {epoch + 1}: unfreezing {sorted(set(frozen) - set(now_frozen))}")
             frozen = now_frozen
         freeze.apply(model, stages, frozen)
-        train_stats = train_one_epoch(model, train_loader, criterion, extra_loss, optimizer, scheduler, scaler,
-                                      device, t, len(classes), state, epoch, total_steps, files, started)
+        if unfreezing:
+            trained = distributed.wrap(model, device, ctx)  # DDP must see the new trainable parameters
+        if ctx.enabled:  # each rank its own augmentations, reproducible per (seed, epoch, rank) when resumed
+            torch.manual_seed(cfg.seed + 1_000_003 * epoch + ctx.rank)
+        _set_epoch(train_loader, epoch)
+        train_stats = train_one_epoch(trained, train_loader, criterion, extra_loss, optimizer, scheduler, scaler,
+                                      device, t, len(classes), state, epoch, step_limit, files, started, ctx)
         state.epoch = epoch + 1
-        finished = state.epoch == t.max_epochs or state.step >= total_steps
+        finished = state.epoch == t.max_epochs or state.step >= step_limit
         row = {"epoch": state.epoch, "step": state.step, "lr": base_lr(optimizer),
                **{f"train_{k}": v for k, v in train_stats.items()}}
         improved = False
@@ -119,8 +155,9 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                      f"{'  (best)' if improved else ''}")
         row["elapsed"] = state.elapsed + time.perf_counter() - started
         files.epoch_row(row)
-        save_checkpoint(run_dir, ["last", "best"] if improved else ["last"], model, optimizer, scheduler, scaler,
-                        state, started, cfg, classes, row)
+        if ctx.is_main:
+            save_checkpoint(run_dir, ["last", "best"] if improved else ["last"], model, optimizer, scheduler,
+                            scaler, state, started, cfg, classes, row)
     files.close()
     stopped_early = bool(patience and state.bad_validations >= patience)
     if stopped_early:
@@ -128,59 +165,93 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
 
     # Test the best checkpoint on the held-out split
     best_dir = run_dir / "checkpoints" / "best"
-    checkpoint.load_weights(best_dir, model)
+    if ctx.is_main:
+        checkpoint.load_weights(best_dir, model)
+    distributed.broadcast_module(model, ctx)
     test = None
     if splits.test is not None:
-        test_loader = make_loader(splits.test, eval_batch, t.num_workers, device, shuffle=False, collate=splits.collate)
+        test_loader = make_loader(splits.test, eval_batch, t.num_workers, device, shuffle=False,
+                                  collate=splits.collate, ctx=ctx)
         test = evaluate(model, test_loader, criterion, device, t.precision, len(classes))
-        test = {k: test[k] for k in ("loss", "accuracy", "macro_f1")}
+        test = {k: test[k] for k in ("loss", "accuracy", "macro_f1", "samples")}
     summary = {"name": cfg.name, "status": "early_stopped" if stopped_early else "completed",
                "monitor": t.monitor, "mode": t.mode, "best_value": state.best, "best_epoch": state.best_epoch,
                "epochs": state.epoch, "steps": state.step, "test": test,
                "wall_time_s": round(state.elapsed + time.perf_counter() - started, 2), "device": str(device),
+               "processes": ctx.world_size,
                "trainable_params": sum(r[1] for r in counts), "total_params": sum(r[2] for r in counts),
                "checkpoint": str(best_dir.absolute()), "run_dir": str(run_dir.absolute())}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    console.print_key_values("summary", {k: v for k, v in summary.items() if k not in ("test", "run_dir")}
-                             | {f"test {k}": v for k, v in (test or {}).items()})
-    log.info(f"best checkpoint: {best_dir}   evaluate it with: sft-eval checkpoint={best_dir}")
+    if ctx.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        console.print_key_values("summary", {k: v for k, v in summary.items() if k not in ("test", "run_dir")}
+                                 | {f"test {k}": v for k, v in (test or {}).items()})
+        log.info(f"best checkpoint: {best_dir}   evaluate it with: sft-eval checkpoint={best_dir}")
+    distributed.close()
     return float(state.best)
 
 
-def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device, shuffle: bool,
-                collate=None, group_lengths: list[int] | None = None) -> DataLoader:
+def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device, shuffle: bool, collate=None,
+                group_lengths: list[int] | None = None, ctx=distributed.Context(), seed: int = 0,
+                persistent_workers: bool = False):
+    """Batches of `dataset` on `device`'s side: the dataset's own batched loader when it has one (images held
+    in memory), else a DataLoader. Under DDP each process gets its shard: training shards are padded to equal
+    length (DistributedSampler), evaluation shards are not, so every example counts exactly once."""
+    if hasattr(dataset, "loader"):
+        return dataset.loader(batch_size, shuffle=shuffle, device=device, rank=ctx.rank,
+                              world_size=ctx.world_size, seed=seed)
     # A last train batch of one sample would make BatchNorm fail, so it is dropped in that case only.
-    # Workers are not persistent: fresh ones draw their seeds from the torch RNG each epoch, which the
-    # checkpoint holds, so a resumed run sees the same augmentations as an uninterrupted one.
-    common = {"num_workers": num_workers, "collate_fn": collate, "pin_memory": device.type == "cuda"}
+    # Workers are not persistent by default: fresh ones draw their seeds from the torch RNG each epoch, which
+    # the checkpoint holds, so a resumed run sees the same augmentations as an uninterrupted one.
+    common = {"num_workers": num_workers, "collate_fn": collate, "pin_memory": device.type == "cuda",
+              "persistent_workers": persistent_workers and num_workers > 0}
     if group_lengths is not None:
+        if ctx.enabled:
+            raise SFTError("dataset.group_by_length=true does not work with several processes yet: set "
+                           "dataset.group_by_length=false for DDP (dynamic padding still applies).")
         return DataLoader(dataset, batch_sampler=data.LengthGroupedBatches(group_lengths, batch_size), **common)
+    if ctx.enabled:
+        sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, seed=seed) if shuffle \
+            else distributed.EvalShard(len(dataset), ctx)
+        size = len(sampler)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                          drop_last=shuffle and size % batch_size == 1, **common)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
                       drop_last=shuffle and len(dataset) % batch_size == 1, **common)
 
 
+def _set_epoch(loader, epoch: int) -> None:
+    # DistributedSampler and the in-memory loader derive their shuffling from (seed, epoch)
+    target = loader if hasattr(loader, "set_epoch") else getattr(loader, "sampler", None)
+    if hasattr(target, "set_epoch"):
+        target.set_epoch(epoch)
+
+
 def train_one_epoch(model, loader, criterion, extra_loss, optimizer, scheduler, scaler, device, t, num_classes,
-                    state, epoch, total_steps, files, started) -> dict:
+                    state, epoch, step_limit, files, started, ctx=distributed.Context()) -> dict:
     """One pass over `loader`. Loss and confusion counts accumulate on the device and are read only every
-    trainer.log_every_n_steps optimizer steps, so the GPU never waits for the host in between."""
+    trainer.log_every_n_steps optimizer steps, so the GPU never waits for the host in between.
+    `model` may be a DDP wrapper: it averages gradients over processes on the backward pass of the last
+    micro-batch of each optimizer step (no_sync() skips that on the others)."""
     accumulate, per_step_schedule = t.accumulate_grad_batches, not isinstance(scheduler, ReduceLROnPlateau)
     trainable = [p for p in model.parameters() if p.requires_grad]
     window = _Window(num_classes, device)
     epoch_totals = _Window(num_classes, device)
     epoch_start = time.perf_counter()
-    with console.progress_bar(t.progress_bar) as bar:
+    with console.progress_bar(t.progress_bar and ctx.is_main) as bar:
         task = bar.add_task(f"epoch {epoch + 1}", total=len(loader), info="") if bar else None
         for i, (inputs, targets) in enumerate(loader):
             inputs, targets = to_device(inputs, device), targets.to(device, non_blocking=True)
-            with runtime.autocast(device, t.precision):
-                logits = model(inputs)
-                task_loss = criterion(logits, targets)
-                total_loss = task_loss + extra_loss(model) if extra_loss else task_loss
-            group = min(accumulate, len(loader) - i // accumulate * accumulate)  # the last group may be short
-            scaler.scale(total_loss / group).backward()
+            stepping = (i + 1) % accumulate == 0 or i + 1 == len(loader)
+            with contextlib.nullcontext() if stepping or not ctx.enabled else model.no_sync():
+                with runtime.autocast(device, t.precision):
+                    logits = model(inputs)
+                    task_loss = criterion(logits, targets)
+                    total_loss = task_loss + extra_loss(model) if extra_loss else task_loss
+                group = min(accumulate, len(loader) - i // accumulate * accumulate)  # the last group may be short
+                scaler.scale(total_loss / group).backward()
             for w in (window, epoch_totals):
                 w.add(task_loss.detach(), _weight(criterion, targets), logits.detach(), targets)
-            if (i + 1) % accumulate and i + 1 != len(loader):
+            if not stepping:
                 continue  # accumulate more gradient before stepping
             if t.gradient_clip_norm:
                 scaler.unscale_(optimizer)
@@ -196,37 +267,48 @@ def train_one_epoch(model, loader, criterion, extra_loss, optimizer, scheduler, 
             if state.step % t.log_every_n_steps == 0:
                 record = {"epoch": epoch + 1, "step": state.step, "split": "train", **window.read(),
                           "lr": base_lr(optimizer), "elapsed": state.elapsed + time.perf_counter() - started}
+                _check_finite(record["loss"], state.step, optimizer)
                 files.record(record)
                 if bar:
                     bar.update(task, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
                                           f"{record['samples_per_s']:.0f} samples/s")
                 window = _Window(num_classes, device)
-            if state.step >= total_steps:
+            if state.step >= step_limit:
                 break
     stats = epoch_totals.read()
-    stats["samples_per_s"] = epoch_totals.samples / (time.perf_counter() - epoch_start)
+    stats["samples_per_s"] = stats["samples"] / (time.perf_counter() - epoch_start)
+    _check_finite(stats["loss"], state.step, optimizer)
     return stats
 
 
+def _check_finite(value: float, step: int, optimizer) -> None:
+    if not math.isfinite(value):
+        raise SFTError(f"the training loss became {value} by step {step} (lr {base_lr(optimizer):.2e}): the run "
+                       "diverged. Lower optimizer.lr, or set trainer.gradient_clip_norm (e.g. 1.0).")
+
+
 class _Window:
-    """Running loss and confusion counts on the device; read() syncs once and returns plain numbers."""
+    """Running loss and confusion counts on the device; read() syncs once, sums over DDP processes, keeps
+    the summed confusion matrix in `.total` and returns plain numbers."""
 
     def __init__(self, num_classes: int, device: torch.device):
         self.loss_sum = torch.zeros((), device=device)
-        self.weight_sum = torch.zeros((), device=device)
+        self.weight_sum = 0.0  # a host float, or a device tensor once class weights are added
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
-        self.samples, self.num_classes, self.start = 0, num_classes, time.perf_counter()
+        self.num_classes, self.device, self.start = num_classes, device, time.perf_counter()
 
-    def add(self, mean_loss: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    def add(self, mean_loss: torch.Tensor, weight, logits: torch.Tensor, targets: torch.Tensor) -> None:
         self.loss_sum += mean_loss.float() * weight
         self.weight_sum += weight
-        self.confusion += metrics.confusion(logits, targets, self.num_classes)
-        self.samples += len(targets)
+        metrics.confusion(logits, targets, self.num_classes, out=self.confusion)
 
     def read(self) -> dict:
-        s = metrics.scores(self.confusion)
-        return {"loss": (self.loss_sum / self.weight_sum.clamp(min=1e-12)).item(), "accuracy": s["accuracy"],
-                "macro_f1": s["macro_f1"], "samples_per_s": self.samples / (time.perf_counter() - self.start)}
+        weight_sum = torch.as_tensor(self.weight_sum, dtype=torch.float32, device=self.device)
+        loss_sum, weight_sum, self.total = distributed.all_reduce_sum(self.loss_sum, weight_sum, self.confusion)
+        s, samples = metrics.scores(self.total), int(self.total.sum())
+        return {"loss": (loss_sum / weight_sum.clamp(min=1e-12)).item(), "accuracy": s["accuracy"],
+                "macro_f1": s["macro_f1"], "samples": samples,
+                "samples_per_s": samples / (time.perf_counter() - self.start)}
 
 
 def evaluate(model: nn.Module, loader: DataLoader, criterion, device: torch.device, precision: str,
@@ -240,8 +322,9 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion, device: torch.devi
             inputs, targets = to_device(inputs, device), targets.to(device, non_blocking=True)
             logits = model(inputs)
             window.add(criterion(logits.float(), targets), _weight(criterion, targets), logits, targets)
-    result = {**window.read(), **metrics.scores(window.confusion), "confusion": window.confusion.tolist()}
-    result["samples_per_s"] = window.samples / (time.perf_counter() - start)
+    result = window.read()
+    result |= {**metrics.scores(window.total), "confusion": window.total.tolist(),
+               "samples_per_s": result["samples"] / (time.perf_counter() - start)}
     return result
 
 
@@ -258,10 +341,11 @@ def to_device(inputs, device: torch.device):
     return inputs.to(device, non_blocking=True)
 
 
-def _weight(criterion: nn.CrossEntropyLoss, targets: torch.Tensor) -> torch.Tensor:
-    """What the batch's mean loss was divided by: its size, or with class weights the sum of its weights."""
+def _weight(criterion: nn.CrossEntropyLoss, targets: torch.Tensor) -> float | torch.Tensor:
+    """What the batch's mean loss was divided by: its size (known on the host, so no copy to the GPU), or
+    with class weights the sum of its weights (a device tensor)."""
     if criterion.weight is None:
-        return torch.tensor(float(len(targets)), device=targets.device)
+        return float(len(targets))
     return criterion.weight[targets].sum()
 
 
@@ -275,18 +359,20 @@ def save_checkpoint(run_dir, tags, model, optimizer, scheduler, scaler, state, s
     checkpoint.save(run_dir / "checkpoints", tags, model, blob, cfg, meta)
 
 
-def resume(cfg: DictConfig, run_dir: Path, classes, model, optimizer, scheduler, scaler,
-           total_steps: int) -> SimpleNamespace:
+def resume(cfg: DictConfig, run_dir: Path, classes, model, optimizer, scheduler, scaler, total_steps: int,
+           ctx=distributed.Context()) -> SimpleNamespace:
     """Load a checkpoint's training state: weights, optimizer state (its lr, momentum and weight decay
     included), schedule position, grad scaler, RNG, counters and best metric. Everything else (epochs,
     schedule length, data, logging) follows the current config; the differences are listed in the log.
-    The source run's checkpoints and metric history are copied into the new run folder, never moved."""
+    The source run's checkpoints and metric history are copied into the new run folder, never moved.
+    Under DDP every process reads the checkpoint (so it must be on storage they all see); the process count
+    may differ from the source run's, since checkpoints hold the unwrapped model and are saved at epoch ends."""
     ckpt = checkpoint.resolve(cfg.resume)
     meta = checkpoint.load_meta(ckpt)
     if meta["classes"] != classes:
         raise SFTError(f"resume={cfg.resume}: the checkpoint was trained on classes {meta['classes']}, "
                        f"but the configured dataset has {classes}. Resume with the same dataset.")
-    for line in config.differences(checkpoint.load_config(ckpt), cfg, ignore=("resume",)):
+    for line in config.differences(checkpoint.load_config(ckpt), cfg, ignore=("resume", "sweep")):
         log.warning(f"resume: {line} (the current value is used)")
     checkpoint.load_weights(ckpt, model)
     blob = checkpoint.load_state(ckpt)
@@ -305,7 +391,8 @@ def resume(cfg: DictConfig, run_dir: Path, classes, model, optimizer, scheduler,
     if scaler.is_enabled() and blob["scaler"]:  # empty when the run was saved without 16-mixed
         scaler.load_state_dict(blob["scaler"])
     runtime.set_rng_state(blob["rng"])
-    checkpoint.copy_history(ckpt, run_dir, blob["epoch"], blob["step"])
+    if ctx.is_main:
+        checkpoint.copy_history(ckpt, run_dir, blob["epoch"], blob["step"])
     log.info(f"resumed from {ckpt.resolve()} at epoch {blob['epoch']}, step {blob['step']} "
              f"(best {blob['best']} at epoch {blob['best_epoch']})")
     return SimpleNamespace(**{k: blob[k] for k in ("epoch", "step", "best", "best_epoch", "bad_validations",

@@ -15,6 +15,11 @@ FAST = ["+experiment=quickstart", "dataset.transforms.image_size=16", "trainer.n
         "trainer.progress_bar=false"]
 
 
+# Under pytest-xdist (pytest -n 2) each worker runs its own commands: one torch thread each keeps two workers
+# from fighting over two cores.
+THREADS = {"OMP_NUM_THREADS": "1"} if "PYTEST_XDIST_WORKER" in os.environ else {}
+
+
 def run_cli(command: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 300,
             ) -> subprocess.CompletedProcess:
     """Run `command args...` as a user would; every URL fails at once (a dead proxy), so nothing downloads."""
@@ -22,7 +27,7 @@ def run_cli(command: str, *args: str, cwd: Path, env: dict | None = None, timeou
     full_env.update({"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
                      "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
                      "TORCH_HOME": str(cwd / "torch_home"), "SFT_CLI_CACHE": str(cwd / "sft_cache"), "COLUMNS": "200",
-                     **(env or {})})
+                     **THREADS, **(env or {})})
     result = subprocess.run([str(BIN / command), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                             timeout=timeout)
     result.output = result.stdout + result.stderr
@@ -44,3 +49,11 @@ def quick_run(tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("quick")
     ok(run_cli("sft-train", *FAST, "trainer.max_epochs=3", "hydra.run.dir=run", cwd=cwd))
     return cwd / "run"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_xdist_worker():
+    if THREADS:
+        import torch
+
+        torch.set_num_threads(1)

@@ -1,0 +1,137 @@
+"""Data-parallel training on torch.distributed: torchrun starts the processes, DDP syncs the gradients.
+
+One process per device. Under torchrun (WORLD_SIZE set) every process runs the same recipe; rank 0 alone
+writes the run folder (metrics, checkpoints, summary) and shows progress. `trainer.devices=N` without
+torchrun re-launches the same command under torchrun (`launch`). Every helper here is a no-op in a single
+process, so the recipe reads the same either way.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Sampler
+
+from sft_cli import runtime
+from sft_cli.errors import SFTError
+
+log = logging.getLogger("sft_cli.distributed")
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device_name: str) -> tuple[Context, torch.device]:
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA) and pick this rank's device."""
+    device = runtime.pick_device(device_name)
+    if not under_torchrun():
+        return Context(), device
+    rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise SFTError(f"torchrun started {local_rank + 1}+ processes on this node but only "
+                           f"{torch.cuda.device_count()} GPU(s) are visible: lower --nproc_per_node.")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    elif device.type == "cpu":
+        dist.init_process_group("gloo")
+    else:
+        raise SFTError(f"trainer.device={device_name} ({device.type}) cannot run DDP: use cuda or cpu.")
+    return Context(rank, world), device
+
+
+def close() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(task_overrides: list[str], run_dir: Path, devices: int, device_name: str) -> float:
+    """`trainer.devices=N` in a plain sft-train: run this job again under torchrun with N processes, in
+    the same run folder, and return its best monitored value (from summary.json)."""
+    device = runtime.pick_device(device_name)
+    if device.type == "cuda" and torch.cuda.device_count() < devices:
+        raise SFTError(f"trainer.devices={devices} but only {torch.cuda.device_count()} GPU(s) are visible: "
+                       f"lower trainer.devices (or check CUDA_VISIBLE_DEVICES).")
+    if device.type != "cuda" and device_name == "auto":
+        raise SFTError(f"trainer.devices={devices} asks for {devices} GPUs, but no CUDA GPU is visible. To train "
+                       f"with {devices} CPU processes instead, set trainer.device=cpu.")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+               "-m", "sft_cli.train", *task_overrides, f"hydra.run.dir={run_dir}"]
+    log.info(f"launching DDP on {devices} processes: torchrun --standalone --nproc_per_node={devices} "
+             f"-m sft_cli.train {' '.join(task_overrides)}")
+    code = subprocess.call(command)
+    summary = run_dir / "summary.json"
+    if code != 0 or not summary.is_file():
+        raise SFTError(f"the {devices} DDP processes failed (exit code {code}); their messages are above and "
+                       f"in {run_dir}/train.log.")
+    return float(json.loads(summary.read_text())["best_value"])
+
+
+def broadcast_object(obj, ctx: Context):
+    """Rank 0's `obj` on every rank (e.g. the run folder, which only rank 0's Hydra created)."""
+    if not ctx.enabled:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def broadcast_module(model: nn.Module, ctx: Context) -> None:
+    """Rank 0's parameters and buffers on every rank (after rank 0 alone loaded a checkpoint)."""
+    if ctx.enabled:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+def all_reduce_sum(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Sums over all ranks, as new tensors (the inputs are left as they are); copies in one process."""
+    out = [t.clone() for t in tensors]
+    if dist.is_available() and dist.is_initialized():
+        for t in out:
+            dist.all_reduce(t)
+    return out
+
+
+def wrap(model: nn.Module, device: torch.device, ctx: Context) -> nn.Module:
+    """The module to train: `model` itself in one process, else a DDP wrapper over its trainable parameters.
+    Call again whenever requires_grad changes (gradual unfreezing): DDP fixes its buckets when built."""
+    if not ctx.enabled:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+class EvalShard(Sampler):
+    """Indices rank, rank + world, ...: every example is evaluated exactly once overall (no padding, unlike
+    DistributedSampler, which repeats examples so that every rank gets the same count)."""
+
+    def __init__(self, size: int, ctx: Context):
+        self.indices = range(ctx.rank, size, ctx.world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
