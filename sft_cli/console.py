@@ -75,3 +75,8 @@ def print_ranking(rows: list[dict], columns: list[str], title: str) -> None:
     for row in rows:
         table.add_row(*(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
     console.print(table)
+
+
+def print_lines(lines: list[str]) -> None:
+    """Plain text: error messages may hold [brackets] that rich would read as markup."""
+    console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)

@@ -1,16 +1,29 @@
-"""After `sft-train -m ...`: rank every run of the sweep by its monitored metric (summary.csv, summary.md)."""
+"""After `sft-train -m ...`: rank every run of the sweep by its monitored metric (summary.csv, summary.md), and
+average the runs that differ only in `seed` (summary_seeds.csv, summary_seeds.md). Also what a run of a sweep
+needs: its failure record, and the finished twin from an earlier sweep that sweep.skip_finished=true reuses."""
 
+import contextlib
 import csv
+import io
 import json
+import logging
+import os
+import statistics
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from sft_cli import console
 
+log = logging.getLogger("sft_cli.sweep")
+
 COLUMNS = ["rank", "run", "overrides", "monitor", "best_value", "test_accuracy", "test_macro_f1", "epochs",
-           "wall_time_s", "status"]
+           "wall_time_s", "status", "error"]
+SEED_COLUMNS = ["rank", "overrides", "runs", "seeds", "best_value_mean", "best_value_std", "test_accuracy_mean",
+                "test_accuracy_std", "failed"]
+FINISHED = ("completed", "early_stopped")
 
 
 def collect(sweep_dir: Path) -> list[dict]:
@@ -21,36 +34,82 @@ def collect(sweep_dir: Path) -> list[dict]:
     rows = []
     for run in runs:
         row = dict.fromkeys(COLUMNS, "")
-        row.update(run=run.name, status="failed (no summary.json)",
-                   overrides=" ".join(o for o in overrides[run] if o not in shared))  # what sets it apart
-        if (run / "summary.json").is_file():
-            s = json.loads((run / "summary.json").read_text())
+        distinct = [o for o in overrides[run] if o not in shared]  # what sets it apart
+        row.update(run=run.name, overrides=" ".join(distinct), distinct=distinct, mode=None, status="failed",
+                   error="no summary.json: the run was killed, or is still running")
+        s = read_summary(run)
+        if s is not None:
             test = s.get("test") or {}
-            row.update(monitor=s["monitor"], best_value=s["best_value"], epochs=s["epochs"], status=s["status"],
-                       wall_time_s=s["wall_time_s"], mode=s["mode"], test_accuracy=test.get("accuracy", ""),
-                       test_macro_f1=test.get("macro_f1", ""))
+            best = s.get("best_value")
+            row.update(monitor=s.get("monitor", ""), best_value="" if best is None else best, mode=s.get("mode"),
+                       epochs=s.get("epochs", ""), wall_time_s=s.get("wall_time_s", ""), error=s.get("error", ""),
+                       status=s.get("status", "") + (" (reused)" if s.get("reused_from") else ""),
+                       test_accuracy=test.get("accuracy", ""), test_macro_f1=test.get("macro_f1", ""))
         rows.append(row)
-    done = [r for r in rows if isinstance(r["best_value"], float)]
-    done.sort(key=lambda r: -r["best_value"] if r["mode"] == "max" else r["best_value"])
+    return _ranked(rows, "best_value")
+
+
+def by_seed(rows: list[dict]) -> list[dict]:
+    """Runs whose overrides differ only in `seed` are one configuration: the mean and the sample standard
+    deviation (n - 1) of best_value and test accuracy over its finished runs, best mean first."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        key = " ".join(o for o in row["distinct"] if _key(o) != "seed")
+        groups.setdefault(key, []).append(row)
+    out = []
+    for key, members in groups.items():
+        done = [r for r in members if isinstance(r["best_value"], float)]
+        group = {"overrides": key, "runs": len(done), "failed": len(members) - len(done),
+                 "mode": next((r["mode"] for r in done), None),
+                 "seeds": " ".join(o.split("=", 1)[1] for r in sorted(done, key=lambda r: (len(r["run"]), r["run"]))
+                                   for o in r["distinct"] if _key(o) == "seed")}
+        for column in ("best_value", "test_accuracy"):
+            values = [r[column] for r in done if isinstance(r[column], float)]
+            group[f"{column}_mean"] = statistics.mean(values) if values else ""
+            group[f"{column}_std"] = statistics.stdev(values) if len(values) > 1 else ""
+        out.append(group)
+    return _ranked(out, "best_value_mean")
+
+
+def _ranked(rows: list[dict], column: str) -> list[dict]:
+    done = [r for r in rows if isinstance(r[column], float)]
+    done.sort(key=lambda r: -r[column] if r["mode"] == "max" else r[column])
     ranked = done + [r for r in rows if r not in done]
     for i, row in enumerate(ranked, 1):
         row["rank"] = i if row in done else "-"
     return ranked
 
 
-def write(rows: list[dict], sweep_dir: Path) -> None:
-    with open(sweep_dir / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS) + " |"
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def write(rows: list[dict], sweep_dir: Path, name: str = "summary", columns: list[str] = COLUMNS) -> None:
+    """<name>.csv and <name>.md, each written whole and then renamed into place (runs of a joblib sweep end at
+    the same time)."""
+    table = io.StringIO()
+    writer = csv.DictWriter(table, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns) + " |"
               for r in rows]
-    (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    for path, text in ((sweep_dir / f"{name}.csv", table.getvalue()),
+                       (sweep_dir / f"{name}.md", "\n".join(lines) + "\n")):
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text(text)
+        os.replace(temporary, path)
 
 
 class SweepSummary(Callback):
     """Hydra callback (configs/train.yaml: hydra.callbacks) that runs when a multirun ends."""
+
+    def on_job_end(self, config: DictConfig, **kwargs) -> None:
+        # The files also follow each run, so that they exist when a sweep stops early: hydra-optuna-sweeper 1.3
+        # raises "No trials are completed yet" after the last trial when every trial failed.
+        if config.hydra.mode == RunMode.MULTIRUN:
+            with contextlib.suppress(Exception):  # best effort: on_multirun_end writes the final files
+                write(collect(Path(config.hydra.sweep.dir)), Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -58,6 +117,90 @@ class SweepSummary(Callback):
             return
         rows = collect(sweep_dir)
         write(rows, sweep_dir)
-        console.print_ranking(rows, [c for c in COLUMNS if c != "monitor"],
-                              f"sweep ranked by {rows[0]['monitor'] if rows else ''} ({sweep_dir}/summary.md)")
+        monitor = next((r["monitor"] for r in rows if r["monitor"]), "")
+        console.print_ranking(rows, [c for c in COLUMNS if c not in ("monitor", "error")],
+                              f"sweep ranked by {monitor} ({sweep_dir}/summary.md)")
+        groups = by_seed(rows)
+        if len(groups) < len(rows):  # some runs differ only in their seed
+            write(groups, sweep_dir, "summary_seeds", SEED_COLUMNS)
+            console.print_ranking(groups, SEED_COLUMNS, f"mean and std over seeds of {monitor} "
+                                                        f"({sweep_dir}/summary_seeds.md)")
+        failed = [r for r in rows if r["status"] == "failed"]
+        if failed:
+            console.print_lines([f"{len(failed)} of {len(rows)} runs failed:"]
+                                + [f"  run {r['run']} ({r['overrides']}): {r['error']}" for r in failed])
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def record_failure(run_dir: Path, cfg: DictConfig, overrides: list[str], reason: str) -> None:
+    """summary.json of a run of a sweep that raised: status failed and the reason, for the sweep's summary."""
+    summary = {"name": cfg.get("name"), "status": "failed", "error": reason,
+               "monitor": OmegaConf.select(cfg, "trainer.monitor"), "mode": OmegaConf.select(cfg, "trainer.mode"),
+               "best_value": None, "overrides": overrides, "run_dir": str(run_dir.absolute())}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def record_overrides(run_dir: Path, overrides: list[str]) -> None:
+    """Add the run's overrides to its summary.json, so sweep.skip_finished knows the run even after a sweep
+    re-run in the same folder has replaced its .hydra/."""
+    summary = read_summary(run_dir)
+    if summary is not None:
+        (run_dir / "summary.json").write_text(json.dumps(summary | {"overrides": overrides}, indent=2))
+
+
+def _identity(overrides: list[str]) -> list[str]:
+    # What makes two runs the same run: the overrides, in any order, less the sweep.* keys
+    return sorted(o for o in overrides if not _key(o).startswith("sweep."))
+
+
+def find_finished(root: Path, sweep_dir: Path, run_dir: Path, overrides: list[str]) -> Path | None:
+    """The newest finished run with these overrides: in an earlier sweep under `root` (sweep.root), or in
+    `run_dir` itself when this sweep re-uses an earlier sweep's folder (a fixed hydra.sweep.dir)."""
+    sweep_dir, run_dir, want = sweep_dir.resolve(), run_dir.resolve(), _identity(overrides)
+    candidates = [run_dir]
+    for parent, dirs, _ in os.walk(root):
+        if ".hydra" in dirs:  # a run folder: nothing to find further down
+            dirs.clear()
+            if not Path(parent).resolve().is_relative_to(sweep_dir):  # this sweep's folders were just (re)made
+                candidates.append(Path(parent))
+    found = []
+    for run in candidates:
+        summary = read_summary(run)
+        if summary is None or summary.get("status") not in FINISHED:
+            continue
+        theirs = summary.get("overrides")
+        if theirs is None and run != run_dir:  # made before overrides were recorded in summary.json
+            theirs = list(OmegaConf.load(run / ".hydra" / "overrides.yaml"))
+        if theirs is not None and _identity(theirs) == want:
+            found.append(run)
+    return max(found, key=lambda run: (run / "summary.json").stat().st_mtime, default=None)
+
+
+def reuse(found: Path, run_dir: Path, overrides: list[str]) -> float:
+    """Record the finished run `found` as this run (sweep.skip_finished=true): summary.json with its results
+    and a pointer to it, where checkpoints/ and metrics still live. Returns its best monitored value."""
+    summary = read_summary(found)
+    if found.resolve() != run_dir.resolve():
+        summary |= {"reused_from": summary.get("reused_from") or str(found.absolute()), "overrides": overrides}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info(f"skipped: {summary.get('reused_from') or found} already finished this run "
+             f"({summary['monitor']}={summary['best_value']:.4f}); sweep.skip_finished=true reuses it")
+    return float(summary["best_value"])
+
+
+def set_aside_earlier_attempt(run_dir: Path) -> None:
+    """A run that an earlier sweep left in this very folder (a fixed hydra.sweep.dir) and that is not reused
+    (it failed, or had other overrides) moves into earlier_attempt_<k>/, so that this run starts clean."""
+    names = [n for n in ("summary.json", "metrics.jsonl", "metrics.csv", "checkpoints") if (run_dir / n).exists()]
+    if names:
+        attempt = run_dir / f"earlier_attempt_{1 + len(list(run_dir.glob('earlier_attempt_*')))}"
+        attempt.mkdir()
+        for name in names:
+            (run_dir / name).rename(attempt / name)
 
