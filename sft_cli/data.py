@@ -1,5 +1,6 @@
 """Image datasets as train/val/test splits. Each builder is a `_target_` in configs/dataset/."""
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +12,11 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from sft_cli.errors import SFTError, not_one_of
+from sft_cli.fast_data import TensorImages
 
+log = logging.getLogger(__name__)
 TRAIN_CROPS = ("pad", "resized", "none")
+PIPELINES = ("auto", "fast", "torchvision")
 
 
 @dataclass
@@ -105,17 +109,60 @@ def stratified_split(targets: list[int], size: float | int, seed: int) -> tuple[
     return sorted(keep), sorted(held_out)
 
 
-def _make_splits(train_base, test_base, classes, val_size, split_seed, transforms, val_base=None) -> Splits:
+def _pixels(base) -> torch.Tensor | None:
+    """All images of `base` as one uint8 (N, C, H, W) tensor, when it holds them in memory as one array and
+    its items are exactly those pixels (torchvision's CIFAR and MNIST families, digits); else None."""
+    if isinstance(base, InMemoryImages):
+        return base.images.unsqueeze(1)
+    item = type(base).__getitem__  # a subclass that reads its items differently (e.g. QMNIST) is left out
+    if item is datasets.CIFAR10.__getitem__:  # numpy (N, H, W, 3)
+        return torch.from_numpy(base.data).permute(0, 3, 1, 2)
+    if item is datasets.MNIST.__getitem__ and isinstance(base.data, torch.Tensor):  # (N, H, W)
+        return base.data.unsqueeze(1)
+    return None
+
+
+def _fast(pipeline: str, transforms: dict, bases: list) -> bool:
+    """Whether dataset.pipeline (auto, fast, torchvision) gives the fast pipeline for these images."""
+    if pipeline not in PIPELINES:
+        raise SFTError(not_one_of("dataset.pipeline", pipeline, PIPELINES))
+    if pipeline == "torchvision":
+        return False
+    reason = None
+    if transforms["train_crop"] == "resized":
+        reason = ("dataset.transforms.train_crop=resized (RandomResizedCrop) has no batched version; "
+                  "train_crop=pad or none has")
+    elif any(base is not None and _pixels(base) is None for base in bases):
+        reason = "its images are not held in memory as one array (an image folder is read file by file)"
+    if reason and pipeline == "fast":
+        raise SFTError(f"dataset.pipeline=fast does not apply to this dataset: {reason}. Use "
+                       "dataset.pipeline=torchvision (per-sample transforms), or auto (fast where it applies).")
+    return reason is None
+
+
+def _split(base, indices: list[int], train: bool, transforms: dict, fast: bool) -> Dataset:
+    """The items `indices` of `base` with the train or eval transforms of the chosen pipeline."""
+    if not fast:
+        return Transformed(base, indices, image_transforms(train, **transforms))
+    rows = torch.tensor(indices, dtype=torch.long)
+    targets = torch.as_tensor(base.targets, dtype=torch.long)[rows]
+    return TensorImages(_pixels(base)[rows], targets, train, indices=indices, **transforms)
+
+
+def _make_splits(train_base, test_base, classes, val_size, split_seed, transforms, val_base=None,
+                 pipeline: str = "auto") -> Splits:
     targets = [int(t) for t in train_base.targets]
-    train_tf, eval_tf = image_transforms(True, **transforms), image_transforms(False, **transforms)
+    image_transforms(True, **transforms)  # checks train_crop whichever pipeline runs
+    fast = _fast(pipeline, transforms, [train_base, val_base, test_base])
+    log.info(f"input pipeline: {'fast (batched tensor ops on the device)' if fast else 'torchvision (per sample)'}")
     if val_base is None:
         train_idx, val_idx = stratified_split(targets, val_size, split_seed)
-        val = Transformed(train_base, val_idx, eval_tf)
+        val = _split(train_base, val_idx, False, transforms, fast)
     else:
         train_idx = list(range(len(targets)))
-        val = Transformed(val_base, list(range(len(val_base))), eval_tf)
-    test = None if test_base is None else Transformed(test_base, list(range(len(test_base))), eval_tf)
-    return Splits(Transformed(train_base, train_idx, train_tf), val, test, list(classes),
+        val = _split(val_base, list(range(len(val_base))), False, transforms, fast)
+    test = None if test_base is None else _split(test_base, list(range(len(test_base))), False, transforms, fast)
+    return Splits(_split(train_base, train_idx, True, transforms, fast), val, test, list(classes),
                   [targets[i] for i in train_idx])
 
 
@@ -130,9 +177,10 @@ def _skip_checksums(cls):
 
 
 def torchvision_dataset(name: str, root: str, download: bool, verify: bool, val_size: float | int,
-                        split_seed: int, transforms: dict) -> Splits:
+                        split_seed: int, transforms: dict, pipeline: str = "auto") -> Splits:
     """A torchvision dataset with a train= flag (CIFAR10/100, MNIST, FashionMNIST, ...): validation is
-    carved from train; the official test split is kept for the final test evaluation."""
+    carved from train; the official test split is kept for the final test evaluation. `pipeline`
+    (dataset.pipeline) is absent from configs saved before it existed: they get auto."""
     cls = getattr(datasets, name, None)
     if cls is None:
         raise SFTError(f"dataset.name={name!r} is not a torchvision.datasets class (e.g. CIFAR10, CIFAR100, "
@@ -149,7 +197,7 @@ def torchvision_dataset(name: str, root: str, download: bool, verify: bool, val_
         raise SFTError(f"could not load {name} from dataset.root={root} ({type(e).__name__}: {e}). "
                        f"Put the official files in {folder} (or point dataset.root at the folder that holds "
                        f"them), or run once with network access and dataset.download=true.{hint}") from e
-    return _make_splits(train, test, train.classes, val_size, split_seed, transforms)
+    return _make_splits(train, test, train.classes, val_size, split_seed, transforms, pipeline=pipeline)
 
 
 def _image_folder(path: Path, key: str) -> datasets.ImageFolder:
@@ -160,14 +208,15 @@ def _image_folder(path: Path, key: str) -> datasets.ImageFolder:
                        "(root/<class>/*.jpg, or root/train/<class>/ and root/val/<class>/).") from e
 
 
-def image_folder(root: str, val_size: float | int, split_seed: int, transforms: dict) -> Splits:
+def image_folder(root: str, val_size: float | int, split_seed: int, transforms: dict,
+                 pipeline: str = "auto") -> Splits:
     """Your images: root/<class>/* (validation carved from it) or root/{train,val[,test]}/<class>/*."""
     path = Path(to_absolute_path(root))
     if not path.is_dir():
         raise SFTError(f"dataset.root={path} is not a directory. Point it at a folder of class subfolders.")
     if not (path / "train").is_dir():
         base = _image_folder(path, "dataset.root")
-        return _make_splits(base, None, base.classes, val_size, split_seed, transforms)
+        return _make_splits(base, None, base.classes, val_size, split_seed, transforms, pipeline=pipeline)
     train = _image_folder(path / "train", "dataset.root")
     parts = {split: _image_folder(path / split, "dataset.root") for split in ("val", "test") if (path / split).is_dir()}
     for split, part in parts.items():
@@ -175,7 +224,7 @@ def image_folder(root: str, val_size: float | int, split_seed: int, transforms: 
             raise SFTError(f"{path / split} has classes {part.classes} but {path / 'train'} has {train.classes}: "
                            "every split needs the same class subfolders.")
     return _make_splits(train, parts.get("test"), train.classes, val_size, split_seed, transforms,
-                        val_base=parts.get("val"))
+                        val_base=parts.get("val"), pipeline=pipeline)
 
 
 class InMemoryImages(Dataset):
@@ -191,7 +240,8 @@ class InMemoryImages(Dataset):
         return self.images[i].unsqueeze(0), self.targets[i]
 
 
-def sklearn_digits(val_size: float, test_size: float, split_seed: int, transforms: dict) -> Splits:
+def sklearn_digits(val_size: float, test_size: float, split_seed: int, transforms: dict,
+                   pipeline: str = "auto") -> Splits:
     """scikit-learn's bundled 8x8 handwritten digits: a real dataset that needs no download."""
     from sklearn.datasets import load_digits  # only this dataset needs scikit-learn
 
@@ -200,8 +250,7 @@ def sklearn_digits(val_size: float, test_size: float, split_seed: int, transform
     targets = [int(t) for t in digits.target]
     rest, test_idx = stratified_split(targets, test_size, split_seed)
     base = InMemoryImages(images, targets)
-    test = Transformed(base, test_idx, image_transforms(False, **transforms))
     pool = InMemoryImages(images[rest], [targets[i] for i in rest])
-    splits = _make_splits(pool, None, [str(c) for c in range(10)], val_size, split_seed, transforms)
-    splits.test = test
+    splits = _make_splits(pool, None, [str(c) for c in range(10)], val_size, split_seed, transforms, pipeline=pipeline)
+    splits.test = _split(base, test_idx, False, transforms, fast=isinstance(splits.train, TensorImages))
     return splits
