@@ -10,7 +10,8 @@ import pytest
 
 BIN = Path(sys.executable).parent
 # The quickstart (ResNet-18 on digits), made cheaper with 16x16 inputs.
-# One DataLoader worker, so that resume is also checked with worker processes drawing augmentations.
+# One DataLoader worker: the tests that choose dataset.pipeline=torchvision run with a worker process (the
+# default fast pipeline has none).
 FAST = ["+experiment=quickstart", "dataset.transforms.image_size=16", "trainer.num_workers=1",
         "trainer.progress_bar=false"]
 
@@ -53,6 +54,7 @@ def quick_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread_per_xdist_worker():
+    """In-process torch work of a test also takes one thread under xdist."""
     if THREADS:
         import torch
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torchvision import models
 
-from conftest import BIN, FAST, ok, read_json, run_cli
+from conftest import BIN, FAST, THREADS, ok, read_json, run_cli
 from fixtures import write_cifar10, write_image_folder
 
 
@@ -68,7 +68,8 @@ def test_eval_reproduces_the_test_metrics_from_the_checkpoint_alone(quick_run: P
 def test_resume_after_a_kill_ends_bitwise_equal_to_an_uninterrupted_run(quick_run: Path, tmp_path: Path):
     args = [*FAST, "trainer.max_epochs=3"]
     # quick_run is the uninterrupted run. Kill an identical one right after its first epoch's checkpoint.
-    env = {**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9", "TORCH_HOME": str(tmp_path / "torch")}
+    # quick_run's thread count (THREADS): another float reduction order would differ in the last bit
+    env = {**os.environ, **THREADS, "HTTPS_PROXY": "http://127.0.0.1:9", "TORCH_HOME": str(tmp_path / "torch")}
     proc = subprocess.Popen([str(BIN / "sft-train"), *args, "hydra.run.dir=killed"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     last = tmp_path / "killed" / "checkpoints" / "last"

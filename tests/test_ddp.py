@@ -56,6 +56,7 @@ def test_two_processes_learn_like_one_and_leave_one_set_of_artefacts(one_and_two
     assert "launching DDP" in (two / "train.log").read_text()
 
 
+@pytest.mark.slow  # 45 s: the default suite must stay under 5 minutes
 def test_resume_a_one_process_run_on_two_with_gradual_unfreezing_and_accumulation(tmp_path: Path):
     # A constant lr, unlike the quickstart's onecycle, lets a resumed run train for more epochs than planned.
     common = [*SAME, "scheduler=constant"]
