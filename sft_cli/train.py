@@ -289,7 +289,7 @@ def _check_finite(value: float, step: int, optimizer) -> None:
 
 class _Window:
     """Running loss and confusion counts on the device; read() syncs once, sums over DDP processes, keeps
-    the summed confusion matrix in `.total` and returns plain numbers."""
+    the summed confusion matrix in `.total` and its scores in `.scores`, and returns plain numbers."""
 
     def __init__(self, num_classes: int, device: torch.device):
         self.loss_sum = torch.zeros((), device=device)
@@ -305,7 +305,8 @@ class _Window:
     def read(self) -> dict:
         weight_sum = torch.as_tensor(self.weight_sum, dtype=torch.float32, device=self.device)
         loss_sum, weight_sum, self.total = distributed.all_reduce_sum(self.loss_sum, weight_sum, self.confusion)
-        s, samples = metrics.scores(self.total), int(self.total.sum())
+        self.scores = s = metrics.scores(self.total)
+        samples = int(self.total.sum())
         return {"loss": (loss_sum / weight_sum.clamp(min=1e-12)).item(), "accuracy": s["accuracy"],
                 "macro_f1": s["macro_f1"], "samples": samples,
                 "samples_per_s": samples / (time.perf_counter() - self.start)}
@@ -323,7 +324,7 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion, device: torch.devi
             logits = model(inputs)
             window.add(criterion(logits.float(), targets), _weight(criterion, targets), logits, targets)
     result = window.read()
-    result |= {**metrics.scores(window.total), "confusion": window.total.tolist(),
+    result |= {**window.scores, "confusion": window.total.tolist(),
                "samples_per_s": result["samples"] / (time.perf_counter() - start)}
     return result
 
