@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sft_cli import checkpoint, config, data, models, optim, runtime
-from sft_cli.train import make_loader, to_device
+from sft_cli.data import make_loader, to_device
 
 WORDS = ["good", "great", "fine", "enjoyed", "bad", "awful", "poor", "hated",
          "the", "a", "movie", "film", "book", "it", "was", "is", "very", "really", "and"]

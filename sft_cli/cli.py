@@ -222,7 +222,7 @@ def _predict(cfg: DictConfig) -> None:
 @hydra.main(config_path=config.find_config_dir(), config_name="export", version_base="1.3")
 def _export(cfg: DictConfig) -> None:
     config.require(cfg)
-    from sft_cli.predict import export
+    from sft_cli.export import export
 
     export(cfg)
 

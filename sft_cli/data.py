@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 from hydra.utils import to_absolute_path
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from sft_cli import distributed
 from sft_cli.errors import SFTError, not_one_of
 from sft_cli.fast_data import TensorImages
 
@@ -254,3 +255,46 @@ def sklearn_digits(val_size: float, test_size: float, split_seed: int, transform
     splits = _make_splits(pool, None, [str(c) for c in range(10)], val_size, split_seed, transforms, pipeline=pipeline)
     splits.test = _split(base, test_idx, False, transforms, fast=isinstance(splits.train, TensorImages))
     return splits
+
+
+def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device, shuffle: bool, collate=None,
+                group_lengths: list[int] | None = None, ctx=distributed.Context(), seed: int = 0,
+                persistent_workers: bool = False):
+    """Batches of `dataset` on `device`'s side: the dataset's own batched loader when it has one (images held
+    in memory), else a DataLoader. Under DDP each process gets its shard: training shards are padded to equal
+    length (DistributedSampler), evaluation shards are not, so every example counts exactly once."""
+    if hasattr(dataset, "loader"):
+        return dataset.loader(batch_size, shuffle=shuffle, device=device, rank=ctx.rank,
+                              world_size=ctx.world_size, seed=seed)
+    # A last train batch of one sample would make BatchNorm fail, so it is dropped in that case only.
+    # Workers are not persistent by default: fresh ones draw their seeds from the torch RNG each epoch, which
+    # the checkpoint holds, so a resumed run sees the same augmentations as an uninterrupted one.
+    common = {"num_workers": num_workers, "collate_fn": collate, "pin_memory": device.type == "cuda",
+              "persistent_workers": persistent_workers and num_workers > 0}
+    if group_lengths is not None:
+        if ctx.enabled:
+            raise SFTError("dataset.group_by_length=true does not work with several processes yet: set "
+                           "dataset.group_by_length=false for DDP (dynamic padding still applies).")
+        return DataLoader(dataset, batch_sampler=LengthGroupedBatches(group_lengths, batch_size), **common)
+    if ctx.enabled:
+        sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, seed=seed) if shuffle \
+            else distributed.EvalShard(len(dataset), ctx)
+        size = len(sampler)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                          drop_last=shuffle and size % batch_size == 1, **common)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                      drop_last=shuffle and len(dataset) % batch_size == 1, **common)
+
+
+def set_epoch(loader, epoch: int) -> None:
+    # DistributedSampler and the in-memory loader derive their shuffling from (seed, epoch)
+    target = loader if hasattr(loader, "set_epoch") else getattr(loader, "sampler", None)
+    if hasattr(target, "set_epoch"):
+        target.set_epoch(epoch)
+
+
+def to_device(inputs, device: torch.device):
+    """A batch's inputs on the device: an image tensor, or the dict of token tensors of a text batch."""
+    if isinstance(inputs, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    return inputs.to(device, non_blocking=True)

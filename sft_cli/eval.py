@@ -12,7 +12,8 @@ from omegaconf import DictConfig
 
 from sft_cli import checkpoint, config, console, loss, runtime
 from sft_cli.errors import SFTError, not_one_of
-from sft_cli.train import evaluate, make_loader
+from sft_cli.data import make_loader
+from sft_cli.train import evaluate
 
 log = logging.getLogger("sft_cli.eval")
 

@@ -5,7 +5,7 @@ from it, then cropped, flipped and normalised with a few batched tensor ops on t
 per-sample Python, no PIL and no worker process. The result is what sft_cli.data.image_transforms gives
 for train_crop pad|none: Resize(image_size), then RandomCrop(image_size, padding) with zero fill,
 RandomHorizontalFlip, ToDtype(scale=True) and Normalize. dataset.pipeline chooses this pipeline, and
-train.make_loader calls TensorImages.loader() for any dataset that has one.
+data.make_loader calls TensorImages.loader() for any dataset that has one.
 """
 
 import math

@@ -1,5 +1,4 @@
-"""sft-predict: classify new texts or images with a checkpoint alone; sft-export: save a transformers
-checkpoint with save_pretrained() so plain `transformers` loads it."""
+"""sft-predict: classify new texts or images with a checkpoint alone."""
 
 import csv
 import json
@@ -11,9 +10,9 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from sft_cli import checkpoint, console, data, runtime
+from sft_cli.data import to_device
 from sft_cli.errors import SFTError
 from sft_cli.text_data import read_inputs
-from sft_cli.train import to_device
 
 log = logging.getLogger("sft_cli.predict")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -114,19 +113,3 @@ def _write(rows: list[dict], output: str | None) -> None:
                 writer.writerow([r["input"], r["label"], r["score"],
                                  ";".join(f"{t['label']}:{t['score']:.6f}" for t in r["top_k"])])
     log.info(f"wrote {len(rows)} predictions to {path}")
-
-
-def export(cfg: DictConfig) -> Path:
-    """Save a transformers checkpoint as a save_pretrained() folder (model + tokenizer) at cfg.output."""
-    out = Path(cfg.output)
-    if out.exists() and any(out.iterdir()):
-        raise SFTError(f"output={out} exists and is not empty: choose a new folder (nothing is overwritten)")
-    ckpt = checkpoint.resolve(cfg.checkpoint)
-    if not (ckpt / "hf").is_dir():
-        raise SFTError(f"{ckpt} holds a torchvision model: its weights are already a plain safetensors file, "
-                       f"{ckpt / checkpoint.MODEL_FILE}; sft-export is for transformers models.")
-    model, _ = checkpoint.load_model(cfg, ckpt, torch.device("cpu"))
-    model.model.save_pretrained(out)
-    model.tokenizer.save_pretrained(out)
-    log.info(f"exported to {out}: AutoModelForSequenceClassification.from_pretrained('{out}') loads it")
-    return out

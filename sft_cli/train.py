@@ -21,7 +21,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 from torch import nn
 from torch.optim.lr_scheduler import OneCycleLR, ReduceLROnPlateau
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from sft_cli import checkpoint, config, console, data, distributed, freeze, loss, metrics, models, optim, runtime
 from sft_cli.errors import SFTError
@@ -65,11 +65,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     splits = config.build(cfg.dataset)
     classes = splits.classes
     batch = t.batch_size // ctx.world_size  # per process; the global batch is what the config says
-    train_loader = make_loader(splits.train, batch, t.num_workers, device, shuffle=True, collate=splits.collate,
+    train_loader = data.make_loader(splits.train, batch, t.num_workers, device, shuffle=True, collate=splits.collate,
                                group_lengths=splits.group_lengths, ctx=ctx, seed=cfg.seed,
                                persistent_workers=t.persistent_workers)
     eval_batch = t.eval_batch_size or 2 * batch
-    val_loader = make_loader(splits.val, eval_batch, t.num_workers, device, shuffle=False, collate=splits.collate,
+    val_loader = data.make_loader(splits.val, eval_batch, t.num_workers, device, shuffle=False, collate=splits.collate,
                              ctx=ctx, persistent_workers=t.persistent_workers)
     log.info(f"{len(classes)} classes; {len(splits.train)} train / {len(splits.val)} val / "
              f"{len(splits.test) if splits.test is not None else 0} test examples")
@@ -127,7 +127,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             trained = distributed.wrap(model, device, ctx)  # DDP must see the new trainable parameters
         if ctx.enabled:  # each rank its own augmentations, reproducible per (seed, epoch, rank) when resumed
             torch.manual_seed(cfg.seed + 1_000_003 * epoch + ctx.rank)
-        _set_epoch(train_loader, epoch)
+        data.set_epoch(train_loader, epoch)
         train_stats = train_one_epoch(trained, train_loader, criterion, extra_loss, optimizer, scheduler, scaler,
                                       device, t, len(classes), state, epoch, step_limit, files, started, ctx)
         state.epoch = epoch + 1
@@ -170,7 +170,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     distributed.broadcast_module(model, ctx)
     test = None
     if splits.test is not None:
-        test_loader = make_loader(splits.test, eval_batch, t.num_workers, device, shuffle=False,
+        test_loader = data.make_loader(splits.test, eval_batch, t.num_workers, device, shuffle=False,
                                   collate=splits.collate, ctx=ctx)
         test = evaluate(model, test_loader, criterion, device, t.precision, len(classes))
         test = {k: test[k] for k in ("loss", "accuracy", "macro_f1", "samples")}
@@ -190,42 +190,6 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     return float(state.best)
 
 
-def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device, shuffle: bool, collate=None,
-                group_lengths: list[int] | None = None, ctx=distributed.Context(), seed: int = 0,
-                persistent_workers: bool = False):
-    """Batches of `dataset` on `device`'s side: the dataset's own batched loader when it has one (images held
-    in memory), else a DataLoader. Under DDP each process gets its shard: training shards are padded to equal
-    length (DistributedSampler), evaluation shards are not, so every example counts exactly once."""
-    if hasattr(dataset, "loader"):
-        return dataset.loader(batch_size, shuffle=shuffle, device=device, rank=ctx.rank,
-                              world_size=ctx.world_size, seed=seed)
-    # A last train batch of one sample would make BatchNorm fail, so it is dropped in that case only.
-    # Workers are not persistent by default: fresh ones draw their seeds from the torch RNG each epoch, which
-    # the checkpoint holds, so a resumed run sees the same augmentations as an uninterrupted one.
-    common = {"num_workers": num_workers, "collate_fn": collate, "pin_memory": device.type == "cuda",
-              "persistent_workers": persistent_workers and num_workers > 0}
-    if group_lengths is not None:
-        if ctx.enabled:
-            raise SFTError("dataset.group_by_length=true does not work with several processes yet: set "
-                           "dataset.group_by_length=false for DDP (dynamic padding still applies).")
-        return DataLoader(dataset, batch_sampler=data.LengthGroupedBatches(group_lengths, batch_size), **common)
-    if ctx.enabled:
-        sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, seed=seed) if shuffle \
-            else distributed.EvalShard(len(dataset), ctx)
-        size = len(sampler)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                          drop_last=shuffle and size % batch_size == 1, **common)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                      drop_last=shuffle and len(dataset) % batch_size == 1, **common)
-
-
-def _set_epoch(loader, epoch: int) -> None:
-    # DistributedSampler and the in-memory loader derive their shuffling from (seed, epoch)
-    target = loader if hasattr(loader, "set_epoch") else getattr(loader, "sampler", None)
-    if hasattr(target, "set_epoch"):
-        target.set_epoch(epoch)
-
-
 def train_one_epoch(model, loader, criterion, extra_loss, optimizer, scheduler, scaler, device, t, num_classes,
                     state, epoch, step_limit, files, started, ctx=distributed.Context()) -> dict:
     """One pass over `loader`. Loss and confusion counts accumulate on the device and are read only every
@@ -240,7 +204,7 @@ def train_one_epoch(model, loader, criterion, extra_loss, optimizer, scheduler, 
     with console.progress_bar(t.progress_bar and ctx.is_main) as bar:
         task = bar.add_task(f"epoch {epoch + 1}", total=len(loader), info="") if bar else None
         for i, (inputs, targets) in enumerate(loader):
-            inputs, targets = to_device(inputs, device), targets.to(device, non_blocking=True)
+            inputs, targets = data.to_device(inputs, device), targets.to(device, non_blocking=True)
             stepping = (i + 1) % accumulate == 0 or i + 1 == len(loader)
             with contextlib.nullcontext() if stepping or not ctx.enabled else model.no_sync():
                 with runtime.autocast(device, t.precision):
@@ -320,7 +284,7 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion, device: torch.devi
     window = _Window(num_classes, device)
     with torch.inference_mode(), runtime.autocast(device, precision):
         for inputs, targets in loader:
-            inputs, targets = to_device(inputs, device), targets.to(device, non_blocking=True)
+            inputs, targets = data.to_device(inputs, device), targets.to(device, non_blocking=True)
             logits = model(inputs)
             window.add(criterion(logits.float(), targets), _weight(criterion, targets), logits, targets)
     result = window.read()
@@ -333,13 +297,6 @@ def base_lr(optimizer) -> float:
     """The scheduled optimizer.lr, whatever head_lr or layer_decay do to each group (what gets logged)."""
     group = optimizer.param_groups[0]
     return group["lr"] / group.get("lr_scale", 1.0)
-
-
-def to_device(inputs, device: torch.device):
-    """A batch's inputs on the device: an image tensor, or the dict of token tensors of a text batch."""
-    if isinstance(inputs, dict):
-        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-    return inputs.to(device, non_blocking=True)
 
 
 def _weight(criterion: nn.CrossEntropyLoss, targets: torch.Tensor) -> float | torch.Tensor:

@@ -1,0 +1,28 @@
+"""sft-export: a transformers checkpoint as a save_pretrained() folder that plain `transformers` loads."""
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from sft_cli import checkpoint
+from sft_cli.errors import SFTError
+
+log = logging.getLogger("sft_cli.export")
+
+
+def export(cfg: DictConfig) -> Path:
+    """Save a transformers checkpoint as a save_pretrained() folder (model + tokenizer) at cfg.output."""
+    out = Path(cfg.output)
+    if out.exists() and any(out.iterdir()):
+        raise SFTError(f"output={out} exists and is not empty: choose a new folder (nothing is overwritten)")
+    ckpt = checkpoint.resolve(cfg.checkpoint)
+    if not (ckpt / "hf").is_dir():
+        raise SFTError(f"{ckpt} holds a torchvision model: its weights are already a plain safetensors file, "
+                       f"{ckpt / checkpoint.MODEL_FILE}; sft-export is for transformers models.")
+    model, _ = checkpoint.load_model(cfg, ckpt, torch.device("cpu"))
+    model.model.save_pretrained(out)
+    model.tokenizer.save_pretrained(out)
+    log.info(f"exported to {out}: AutoModelForSequenceClassification.from_pretrained('{out}') loads it")
+    return out
