@@ -7,92 +7,265 @@
     checkpoints/last -> step-00000420       (symlinks, replaced with os.replace: always complete)
     checkpoints/best -> step-00000300
 
-A folder is written under a temporary name and renamed when complete; `last`/`best` are re-pointed with an
-atomic rename, and only then are step folders that nothing points to removed. Killing the process at any
-moment leaves `last` and `best` pointing at complete checkpoints. Nothing is ever unpickled on load:
-state.pt is read with torch.load(weights_only=True).
+A folder is written under a temporary name (.step-00000420.tmp-<pid>), every file and the folder are
+fsync'ed, it is renamed, and the rename is fsync'ed; `last`/`best` are re-pointed the same way, and only then
+are step folders that nothing points to removed. Killing the process, or the power, at any moment leaves
+`last` and `best` pointing at complete checkpoints. Nothing is ever unpickled on load: state.pt is read with
+torch.load(weights_only=True).
 """
 
+from __future__ import annotations
+
 import json
+import logging
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
 
-from sft_cli.errors import SFTError
+from sft_cli.errors import SFTError, unreadable
 
+# torch and safetensors.torch are imported inside the functions that need them: the CLI calls resolve() and
+# load_config() for its config checks, which must answer in about a second, and importing torch takes longer.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
 MODEL_FILE, STATE_FILE, CONFIG_FILE, META_FILE = "model.safetensors", "state.pt", "config.yaml", "meta.json"
 TAGS = ("last", "best")
+CONFIG_KEYS = ("trainer", "model", "dataset")  # what every config.yaml that sft-train writes has
+TEMPORARY = re.compile(r"\.(step-\d+|last|best)\.tmp-(\d+)")  # .step-00000420.tmp-<pid>, .last.tmp-<pid>
 
 
 def save(folder: Path, tags: list[str], model: nn.Module, state: dict, config: DictConfig, meta: dict) -> Path:
-    """Write the checkpoint for state["step"] (once) and point each tag in `tags` at it."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write the checkpoint for state["step"] (once) and point each tag in `tags` at it. A write that fails
+    (a full disk) is an SFTError saying where `last` still points; nothing half-written is left behind."""
     name = f"step-{state['step']:08d}"
-    final = folder / name
-    if not final.exists():
-        tmp = folder / f".{name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(weights, tmp / MODEL_FILE, metadata={"format": "pt", "classes": json.dumps(meta["classes"])})
-        torch.save(state, tmp / STATE_FILE)
-        (tmp / CONFIG_FILE).write_text(OmegaConf.to_yaml(config, resolve=True))
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        if hasattr(model, "save_extras"):  # a transformers model: its config and tokenizer (hf/)
-            model.save_extras(tmp)
-        os.replace(tmp, final)
-    for tag in tags:
-        link = folder / f".{tag}.tmp-{os.getpid()}"
-        link.unlink(missing_ok=True)
-        link.symlink_to(name, target_is_directory=True)
-        os.replace(link, folder / tag)
+    tmp = folder / f".{name}.tmp-{os.getpid()}"
+    try:
+        _make_folder(folder)
+        if not (folder / name).exists():
+            _write(tmp, model, state, config, meta)
+            os.replace(tmp, folder / name)
+            _fsync(folder)  # a rename is durable only once the folder that holds it is synced
+        for tag in tags:
+            _point(folder, tag, name)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
+        _discard(folder, tmp)
+        raise SFTError(_save_failed(folder, name, e)) from e
     _remove_unreferenced(folder)
-    return final
+    return folder / name
+
+
+def _make_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        _fsync(folder.parent)
+
+
+def _write(tmp: Path, model: nn.Module, state: dict, config: DictConfig, meta: dict) -> None:
+    """The checkpoint's files in `tmp`, all of them on disk (fsync'ed) when this returns."""
+    import torch
+    from safetensors.torch import save_file
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, tmp / MODEL_FILE, metadata={"format": "pt", "classes": json.dumps(meta.get("classes"))})
+    torch.save(state, tmp / STATE_FILE)
+    (tmp / CONFIG_FILE).write_text(OmegaConf.to_yaml(config, resolve=True))
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    if hasattr(model, "save_extras"):  # a transformers model: its config and tokenizer (hf/)
+        model.save_extras(tmp)
+    # The writers close (flush) their files but do not sync them: without this, a power cut after the rename
+    # below can leave a step folder, and `last` pointing at it, with empty or partial files.
+    for root, _, files in os.walk(tmp, topdown=False):
+        for file in files:
+            _fsync(Path(root) / file)
+        _fsync(Path(root))
+
+
+def _point(folder: Path, tag: str, name: str) -> None:
+    """Re-point the symlink folder/tag at `name` atomically, and durably."""
+    link = folder / f".{tag}.tmp-{os.getpid()}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(name, target_is_directory=True)
+    os.replace(link, folder / tag)
+    _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a read-only descriptor syncs a file's data, and is how folders open
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _discard(folder: Path, tmp: Path) -> None:
+    """Remove what a failed save of this process left: its temporary folder and links."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    for tag in TAGS:
+        (folder / f".{tag}.tmp-{os.getpid()}").unlink(missing_ok=True)
+
+
+def _save_failed(folder: Path, name: str, e: Exception) -> str:
+    last = folder / "last"
+    previous = os.readlink(last) if last.is_symlink() and last.exists() else None
+    where = (f"checkpoints/last still points at the previous complete checkpoint {folder / previous}" if previous
+             else "there is no complete checkpoint of this run yet")
+    then = f"continue the run with resume={folder.parent}" if previous else "start the run again"
+    return (f"the checkpoint {name} could not be written to {folder} ({type(e).__name__}: {str(e)[:300]}); "
+            f"{where}. Free space on that disk (or fix the cause above), then {then}.")
 
 
 def _remove_unreferenced(folder: Path) -> None:
     kept = {os.readlink(folder / tag) for tag in TAGS if (folder / tag).is_symlink()}
-    for path in [*folder.glob("step-*"), *folder.glob(".step-*.tmp-*")]:  # the latter: left by a failed save
+    for path in folder.glob("step-*"):
         if path.name not in kept:
             shutil.rmtree(path, ignore_errors=True)
+    clear_stale(folder)
+
+
+def clear_stale(folder: Path) -> None:
+    """Remove the temporary folders and links (.step-*.tmp-<pid>, .last.tmp-<pid>, .best.tmp-<pid>) that
+    saves killed midway left in `folder`, once the process that wrote them is gone, and log the space freed.
+    Another live process's are kept: it may be writing them. A leftover with this process's own pid is
+    removed, so call this while no save of this process is under way (it writes one save at a time)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    stale = [p for p in folder.iterdir() if (m := TEMPORARY.fullmatch(p.name)) and not _alive(int(m.group(2)))]
+    if not stale:
+        return
+    freed = sum(_size(p) for p in stale)
+    for path in stale:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    log.info(f"removed {len(stale)} temporary checkpoint file(s) left in {folder} by stopped runs, freeing "
+             f"{freed / 2**20:.1f} MiB")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (not this one: its own leftovers are stale). A process in another pid
+    namespace (container) sharing the folder cannot be seen; its temporary folders may be taken as stale."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    except (OverflowError, OSError):  # not a valid pid
+        return False
+    return True
+
+
+def _size(path: Path) -> int:
+    if path.is_symlink() or not path.is_dir():
+        return path.lstat().st_size
+    return sum(f.lstat().st_size for f in path.rglob("*") if not f.is_dir() or f.is_symlink())
 
 
 def resolve(path: str | Path) -> Path:
     """A checkpoint folder from what a user may give: a run folder, its checkpoints/ folder, a checkpoint
     folder (or last/best link), or a file inside one."""
     p = Path(path).expanduser()
-    if not p.exists():
-        raise SFTError(f"checkpoint {str(path)!r} does not exist. Give a run folder (outputs/<name>/<date>/<time>) "
+    try:
+        return _resolve(p, path)
+    except PermissionError as e:
+        raise SFTError(f"checkpoint {unreadable(e.filename or p, e)}") from e
+
+
+def _resolve(p: Path, given: str | Path) -> Path:
+    if not p.exists() and not p.is_symlink():
+        raise SFTError(f"checkpoint {str(given)!r} does not exist. Give a run folder (outputs/<name>/<date>/<time>) "
                        "or a checkpoint (outputs/<name>/<date>/<time>/checkpoints/best).")
-    for candidate in (p.parent if p.is_file() else p, p / "last", p / "checkpoints" / "last"):
-        if (candidate / MODEL_FILE).exists() or (candidate / STATE_FILE).exists():
-            return candidate
-    raise SFTError(f"{path} holds no checkpoint (no {MODEL_FILE}): give a run folder or one of its "
+    if p.exists():
+        for candidate in (p.parent if p.is_file() else p, p / "last", p / "checkpoints" / "last"):
+            if (candidate / MODEL_FILE).exists() or (candidate / STATE_FILE).exists():
+                return candidate
+    for folder in (p.parent if p.is_symlink() else None, p, p / "checkpoints"):
+        if folder is not None and (broken := _dangling(folder)):
+            raise SFTError(broken)
+    raise SFTError(f"{given} holds no checkpoint (no {MODEL_FILE}): give a run folder or one of its "
                    "checkpoints/last, checkpoints/best")
+
+
+def _dangling(folder: Path) -> str | None:
+    """What to say when folder/last or folder/best points at a step folder that is gone, else None."""
+    missing = {tag: os.readlink(folder / tag) for tag in TAGS
+               if (folder / tag).is_symlink() and not (folder / tag).exists()}
+    if not missing:
+        return None
+    said = " and ".join(f"{tag} points at {target}" for tag, target in missing.items())
+    intact = [folder / tag for tag in TAGS if tag not in missing and (folder / tag / MODEL_FILE).exists()]
+    if intact:
+        return (f"{folder}: {said}, which is missing; {intact[0].name} is intact: resume={intact[0]} "
+                f"(or checkpoint={intact[0]} for sft-eval and sft-predict).")
+    return (f"{folder}: {said}, which {'are both' if len(missing) > 1 else 'is'} missing: no complete "
+            "checkpoint of this run is left. Start the run again, or give another run's checkpoint.")
 
 
 def _read(ckpt: Path, filename: str, reader):
     path = ckpt / filename
-    if not path.is_file():
-        raise SFTError(f"checkpoint {ckpt} is incomplete: {filename} is missing. Use another checkpoint "
-                       "(checkpoints/best or checkpoints/last of the run).")
     try:
+        if not path.is_file():
+            raise SFTError(f"checkpoint {ckpt} is incomplete: {filename} is missing. Use another checkpoint "
+                           "(checkpoints/best or checkpoints/last of the run).")
+        path.open("rb").close()  # first, so that an unreadable file gets one message whichever reader it has
         return reader(path)
+    except PermissionError as e:
+        raise SFTError(f"checkpoint file {unreadable(path, e)}") from e
+    except pickle.UnpicklingError as e:  # torch's text advises weights_only=False, which would run the payload
+        raise SFTError(_pickled(path, e)) from None
     except (SafetensorError, RuntimeError, OSError, ValueError, EOFError, KeyError, TypeError,
-            json.JSONDecodeError, pickle.UnpicklingError) as e:  # weights_only=True refuses pickled objects
+            json.JSONDecodeError) as e:
         raise SFTError(f"checkpoint file {path} is corrupt or not an sft-cli checkpoint "
                        f"({type(e).__name__}: {e}). Use another checkpoint of the run.") from e
 
 
+def _pickled(path: Path, e: pickle.UnpicklingError) -> str:
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))  # the class torch's weights-only unpickler refused
+    what = (f"it holds pickled Python objects ({found.group(1)}), which sft-cli never writes" if found else
+            "it is not a weights-only torch file (pickle data that sft-cli never writes, or a corrupt file)")
+    return (f"checkpoint file {path} is not a checkpoint sft-cli wrote: {what}. It must not be loaded: "
+            "unpickling it could run code from the file. Use another checkpoint of the run.")
+
+
+def _config(path: Path) -> DictConfig:
+    """config.yaml, refused unless it is a mapping with the sections sft-train writes."""
+    cfg, why = None, None
+    try:
+        cfg = OmegaConf.load(path)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        why = f"it is not valid YAML: {str(e).splitlines()[0]}"
+    except OSError as e:  # how OmegaConf refuses a YAML scalar: "Invalid loaded object type: int"
+        if not str(e).startswith("Invalid loaded object type"):
+            raise
+        why = f"it holds a YAML {str(e).rsplit(' ', 1)[-1]}, not a mapping"
+    if isinstance(cfg, ListConfig):
+        why = "it holds a YAML list, not a mapping"
+    elif cfg is not None and (missing := [k for k in CONFIG_KEYS if k not in cfg]):
+        why = f"it has no {', '.join(missing)} section"
+    if why:
+        raise SFTError(f"{path} is not an sft-cli checkpoint config ({why}). Use another checkpoint of the run "
+                       "(its checkpoints/best or checkpoints/last).")
+    return cfg
+
+
 def load_config(ckpt: Path) -> DictConfig:
-    return _read(ckpt, CONFIG_FILE, lambda p: OmegaConf.load(p))
+    return _read(ckpt, CONFIG_FILE, _config)
 
 
 def load_meta(ckpt: Path) -> dict:
@@ -100,11 +273,15 @@ def load_meta(ckpt: Path) -> dict:
 
 
 def load_state(ckpt: Path) -> dict:
+    import torch
+
     return _read(ckpt, STATE_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=True))
 
 
 def load_weights(ckpt: Path, model: nn.Module) -> None:
     """Load model.safetensors into `model`; a different architecture is an error naming the keys."""
+    from safetensors.torch import load_file
+
     weights = _read(ckpt, MODEL_FILE, lambda p: load_file(p))
     try:
         model.load_state_dict(weights)

@@ -1,18 +1,20 @@
 """Image datasets as train/val/test splits. Each builder is a `_target_` in configs/dataset/."""
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from hydra.utils import to_absolute_path
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from PIL import UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 
 from sft_cli import distributed
-from sft_cli.errors import SFTError, not_one_of
+from sft_cli.errors import SFTError, not_one_of, unreadable
 from sft_cli.fast_data import TensorImages
 
 log = logging.getLogger(__name__)
@@ -57,17 +59,52 @@ class LengthGroupedBatches(Sampler):
 
 
 class Transformed(Dataset):
-    """The items `indices` of `base` (which yields (image, label)), with `transform` applied to the image."""
+    """The items `indices` of `base` (which yields (image, label)), with `transform` applied to the image.
+    An image file that cannot be read is an SFTError naming it; with `skip_bad` it is logged and its item is
+    None, which `DropSkipped` leaves out of the batch."""
 
-    def __init__(self, base: Dataset, indices: list[int], transform):
-        self.base, self.indices, self.transform = base, indices, transform
+    def __init__(self, base: Dataset, indices: list[int], transform, skip_bad: bool = False):
+        self.base, self.indices, self.transform, self.skip_bad = base, indices, transform, skip_bad
+        self.skipped: set[str] = set()  # per process: each DataLoader worker has its own copy
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        image, label = self.base[self.indices[i]]
+        index = self.indices[i]
+        try:
+            image, label = self.base[index]
+        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for truncated, corrupt or non-images
+            samples = getattr(self.base, "samples", None)  # an image folder's (path, label) list
+            if samples is None:
+                raise
+            return self._bad(samples[index][0], e)
         return self.transform(image), label
+
+    def _bad(self, path: str, e: Exception) -> None:
+        if isinstance(e, PermissionError) and not self.skip_bad:
+            raise SFTError(f"could not read the image {unreadable(path, e)}") from e
+        reason = "not an image file PIL can read" if isinstance(e, UnidentifiedImageError) else str(e)
+        if not self.skip_bad:
+            raise SFTError(f"could not read the image {path}: {reason}. Remove or replace it, or skip unreadable "
+                           "images with dataset.skip_bad_images=true.") from e
+        if path not in self.skipped:
+            self.skipped.add(path)
+            log.warning(f"skipped the unreadable image {path} ({reason}; dataset.skip_bad_images=true): "
+                        f"{len(self.skipped)} skipped so far")
+        return None
+
+
+class DropSkipped:
+    """A DataLoader collate_fn that leaves out the items a dataset skipped (None) and stacks the rest as torch's
+    default does. A class, so that workers can pickle it."""
+
+    def __call__(self, batch: list):
+        kept = [item for item in batch if item is not None]
+        if not kept:  # nothing to take the shape of an empty batch from
+            raise SFTError(f"all {len(batch)} images of a batch could not be read (skipped with "
+                           "dataset.skip_bad_images=true, see the warnings above): remove the unreadable images.")
+        return default_collate(kept)
 
 
 def image_transforms(train: bool, image_size: int, train_crop: str, crop_padding: int, hflip: bool,
@@ -89,11 +126,14 @@ def image_transforms(train: bool, image_size: int, train_crop: str, crop_padding
 
 
 def stratified_split(targets: list[int], size: float | int, seed: int) -> tuple[list[int], list[int]]:
-    """Split indices into (keep, held_out), holding out `size` (a fraction or a count) of each class."""
+    """Split indices into (keep, held_out), holding out `size` (a fraction or a count) of each class. A count
+    is taken as the fraction count/n of every class; one that leaves fewer to train on than to validate is
+    refused (a count written for a larger dataset, e.g. val_size: 5000 on a subset)."""
     n = len(targets)
     if not isinstance(size, (int, float)) or isinstance(size, bool):
         raise SFTError(f"dataset.val_size={size!r} must be a fraction in (0, 1) or a count of examples")
-    fraction = size if isinstance(size, float) and size < 1 else size / n
+    count = not (isinstance(size, float) and size < 1)
+    fraction = size / n if count else size
     if not 0 < fraction < 1:
         raise SFTError(f"dataset.val_size={size} must be a fraction in (0, 1) or a count below {n}")
     generator = torch.Generator().manual_seed(seed)
@@ -107,7 +147,20 @@ def stratified_split(targets: list[int], size: float | int, seed: int) -> tuple[
     if not held_out:
         raise SFTError(f"dataset.val_size={size} holds out no example of {n} ({len(set(targets))} classes): "
                        "raise it, e.g. dataset.val_size=0.2")
+    if count:
+        _check_count(size, len(held_out), len(keep))
     return sorted(keep), sorted(held_out)
+
+
+def _check_count(size: int | float, held_out: int, keep: int) -> None:
+    """A val_size count that validates on more than it trains is an error; more than a quarter, a warning."""
+    sizes = (f"dataset.val_size={size} is a count: it holds out {held_out} of the {held_out + keep} examples for "
+             f"validation and leaves {keep} to train on")
+    if held_out > keep:
+        raise SFTError(f"{sizes}. Use a fraction, e.g. dataset.val_size=0.1, which scales with the data.")
+    if held_out > (held_out + keep) / 4:
+        log.warning(f"{sizes} ({held_out / (held_out + keep):.0%}); a fraction, e.g. dataset.val_size=0.1, "
+                    "scales with the data.")
 
 
 def _pixels(base) -> torch.Tensor | None:
@@ -141,30 +194,31 @@ def _fast(pipeline: str, transforms: dict, bases: list) -> bool:
     return reason is None
 
 
-def _split(base, indices: list[int], train: bool, transforms: dict, fast: bool) -> Dataset:
+def _split(base, indices: list[int], train: bool, transforms: dict, fast: bool, skip_bad: bool = False) -> Dataset:
     """The items `indices` of `base` with the train or eval transforms of the chosen pipeline."""
     if not fast:
-        return Transformed(base, indices, image_transforms(train, **transforms))
+        return Transformed(base, indices, image_transforms(train, **transforms), skip_bad)
     rows = torch.tensor(indices, dtype=torch.long)
     targets = torch.as_tensor(base.targets, dtype=torch.long)[rows]
     return TensorImages(_pixels(base)[rows], targets, train, indices=indices, **transforms)
 
 
 def _make_splits(train_base, test_base, classes, val_size, split_seed, transforms, val_base=None,
-                 pipeline: str = "auto") -> Splits:
+                 pipeline: str = "auto", skip_bad: bool = False) -> Splits:
     targets = [int(t) for t in train_base.targets]
     image_transforms(True, **transforms)  # checks train_crop whichever pipeline runs
     fast = _fast(pipeline, transforms, [train_base, val_base, test_base])
     log.info(f"input pipeline: {'fast (batched tensor ops on the device)' if fast else 'torchvision (per sample)'}")
     if val_base is None:
         train_idx, val_idx = stratified_split(targets, val_size, split_seed)
-        val = _split(train_base, val_idx, False, transforms, fast)
+        val = _split(train_base, val_idx, False, transforms, fast, skip_bad)
     else:
         train_idx = list(range(len(targets)))
-        val = _split(val_base, list(range(len(val_base))), False, transforms, fast)
-    test = None if test_base is None else _split(test_base, list(range(len(test_base))), False, transforms, fast)
-    return Splits(_split(train_base, train_idx, True, transforms, fast), val, test, list(classes),
-                  [targets[i] for i in train_idx])
+        val = _split(val_base, list(range(len(val_base))), False, transforms, fast, skip_bad)
+    test = None if test_base is None else \
+        _split(test_base, list(range(len(test_base))), False, transforms, fast, skip_bad)
+    return Splits(_split(train_base, train_idx, True, transforms, fast, skip_bad), val, test, list(classes),
+                  [targets[i] for i in train_idx], collate=DropSkipped() if skip_bad else None)
 
 
 def _skip_checksums(cls):
@@ -203,29 +257,47 @@ def torchvision_dataset(name: str, root: str, download: bool, verify: bool, val_
 
 def _image_folder(path: Path, key: str) -> datasets.ImageFolder:
     try:
+        # torchvision skips a class folder it cannot list and then reports "no valid file" for the class
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    os.scandir(entry.path).close()
         return datasets.ImageFolder(str(path))
+    except PermissionError as e:
+        raise SFTError(f"{key}={path}: {unreadable(e.filename or path, e)}") from e
     except (FileNotFoundError, OSError) as e:
         raise SFTError(f"{key}={path}: {e}. Expected one subfolder per class holding images "
                        "(root/<class>/*.jpg, or root/train/<class>/ and root/val/<class>/).") from e
 
 
 def image_folder(root: str, val_size: float | int, split_seed: int, transforms: dict,
-                 pipeline: str = "auto") -> Splits:
-    """Your images: root/<class>/* (validation carved from it) or root/{train,val[,test]}/<class>/*."""
+                 pipeline: str = "auto", skip_bad_images: bool = False) -> Splits:
+    """Your images: root/<class>/* (validation carved from it) or root/{train,val[,test]}/<class>/*.
+    `skip_bad_images` skips image files that cannot be read (with a warning) instead of stopping; it is
+    absent from configs saved before it existed, which get False."""
     path = Path(to_absolute_path(root))
     if not path.is_dir():
         raise SFTError(f"dataset.root={path} is not a directory. Point it at a folder of class subfolders.")
     if not (path / "train").is_dir():
-        base = _image_folder(path, "dataset.root")
-        return _make_splits(base, None, base.classes, val_size, split_seed, transforms, pipeline=pipeline)
-    train = _image_folder(path / "train", "dataset.root")
+        base = _two_classes(_image_folder(path, "dataset.root"), path)
+        return _make_splits(base, None, base.classes, val_size, split_seed, transforms, pipeline=pipeline,
+                            skip_bad=skip_bad_images)
+    train = _two_classes(_image_folder(path / "train", "dataset.root"), path / "train")
     parts = {split: _image_folder(path / split, "dataset.root") for split in ("val", "test") if (path / split).is_dir()}
     for split, part in parts.items():
         if part.classes != train.classes:
             raise SFTError(f"{path / split} has classes {part.classes} but {path / 'train'} has {train.classes}: "
                            "every split needs the same class subfolders.")
     return _make_splits(train, parts.get("test"), train.classes, val_size, split_seed, transforms,
-                        val_base=parts.get("val"), pipeline=pipeline)
+                        val_base=parts.get("val"), pipeline=pipeline, skip_bad=skip_bad_images)
+
+
+def _two_classes(base: datasets.ImageFolder, path: Path) -> datasets.ImageFolder:
+    # one class would train to a perfect, meaningless accuracy
+    if len(base.classes) < 2:
+        raise SFTError(f"dataset.root: {path} has a single class subfolder {base.classes[0]!r}: a classifier needs "
+                       "two or more class subfolders (one per class, root/<class>/*.jpg).")
+    return base
 
 
 class InMemoryImages(Dataset):
@@ -257,27 +329,39 @@ def sklearn_digits(val_size: float, test_size: float, split_seed: int, transform
     return splits
 
 
-def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device, shuffle: bool, collate=None,
-                group_lengths: list[int] | None = None, ctx=distributed.Context(), seed: int = 0,
-                persistent_workers: bool = False):
-    """Batches of `dataset` on `device`'s side: the dataset's own batched loader when it has one (images held
-    in memory), else a DataLoader. Under DDP each process gets its shard: training shards are padded to equal
-    length (DistributedSampler), evaluation shards are not, so every example counts exactly once."""
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How a run's batches are made, the same for every split."""
+
+    device: torch.device
+    num_workers: int = 0
+    persistent_workers: bool = False
+    seed: int = 0  # DDP: DistributedSampler's shuffling follows (seed, epoch)
+    ctx: distributed.Context = distributed.Context()
+
+
+def make_loader(splits: Splits, split: str, batch_size: int, options: LoaderOptions):
+    """Batches of splits.<split> ("train" shuffles and augments; "val", "test" do not) on the device's side:
+    the dataset's own batched loader when it has one (images held in memory), else a DataLoader. Under DDP
+    each process gets its shard: training shards are padded to equal length (DistributedSampler), evaluation
+    shards are not, so every example counts exactly once."""
+    dataset, shuffle, ctx = getattr(splits, split), split == "train", options.ctx
     if hasattr(dataset, "loader"):
-        return dataset.loader(batch_size, shuffle=shuffle, device=device, rank=ctx.rank,
-                              world_size=ctx.world_size, seed=seed)
+        return dataset.loader(batch_size, shuffle=shuffle, device=options.device, rank=ctx.rank,
+                              world_size=ctx.world_size, seed=options.seed)
     # A last train batch of one sample would make BatchNorm fail, so it is dropped in that case only.
     # Workers are not persistent by default: fresh ones draw their seeds from the torch RNG each epoch, which
     # the checkpoint holds, so a resumed run sees the same augmentations as an uninterrupted one.
-    common = {"num_workers": num_workers, "collate_fn": collate, "pin_memory": device.type == "cuda",
-              "persistent_workers": persistent_workers and num_workers > 0}
-    if group_lengths is not None:
+    common = {"num_workers": options.num_workers, "collate_fn": splits.collate,
+              "pin_memory": options.device.type == "cuda",
+              "persistent_workers": options.persistent_workers and options.num_workers > 0}
+    if shuffle and splits.group_lengths is not None:
         if ctx.enabled:
             raise SFTError("dataset.group_by_length=true does not work with several processes yet: set "
                            "dataset.group_by_length=false for DDP (dynamic padding still applies).")
-        return DataLoader(dataset, batch_sampler=LengthGroupedBatches(group_lengths, batch_size), **common)
+        return DataLoader(dataset, batch_sampler=LengthGroupedBatches(splits.group_lengths, batch_size), **common)
     if ctx.enabled:
-        sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, seed=seed) if shuffle \
+        sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, seed=options.seed) if shuffle \
             else distributed.EvalShard(len(dataset), ctx)
         size = len(sampler)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
@@ -293,8 +377,13 @@ def set_epoch(loader, epoch: int) -> None:
         target.set_epoch(epoch)
 
 
-def to_device(inputs, device: torch.device):
-    """A batch's inputs on the device: an image tensor, or the dict of token tensors of a text batch."""
-    if isinstance(inputs, dict):
-        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-    return inputs.to(device, non_blocking=True)
+def to_device(batch, device: torch.device):
+    """A batch on the device: a tensor, or the tensors inside a (nested) tuple, list or dict, e.g. an image
+    batch (images, labels) or a text batch ({input_ids, attention_mask, ...}, labels)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch

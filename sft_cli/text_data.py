@@ -15,7 +15,7 @@ from hydra.utils import to_absolute_path
 from torch.utils.data import Dataset
 
 from sft_cli.data import Splits, stratified_split
-from sft_cli.errors import SFTError
+from sft_cli.errors import SFTError, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,8 @@ def _read(file: str, key: str, fields: tuple, skip: bool, known: dict[str, int] 
                 rows.append((line, *row))
     except UnicodeDecodeError as e:
         raise SFTError(f"{key}={file} is not UTF-8 text ({e}). Save it as UTF-8.") from e
+    except PermissionError as e:  # raised by the first read of `records`, which opens the file
+        raise SFTError(f"{key}={file}: {unreadable(path, e)}") from e
     if bad:
         log.warning(f"{path}: skipped {len(bad)} bad row(s) (dataset.skip_bad_rows=true); the first, at line "
                     f"{bad[0][0]}, {bad[0][1]}")
@@ -183,13 +185,16 @@ def read_inputs(path: Path, text_field: str, text_pair_field: str | None) -> lis
     fields = (text_field, text_pair_field)
     records = _jsonl(path) if suffix == ".jsonl" else _table(path, DELIMITERS[suffix], fields)
     out = []
-    for line, record in records:
-        texts = [None if isinstance(record, str) else _text(record.get(f)) for f in fields if f]
-        if isinstance(record, str) or not all(texts):
-            why = record if isinstance(record, str) else f"has no {' or '.join(f for f in fields if f)}"
-            raise SFTError(f"{path}:{line}: the row {why}. Set dataset.text_field (and text_pair_field) to its "
-                           "field names.")
-        out.append((texts[0], texts[1] if text_pair_field else None))
+    try:
+        for line, record in records:
+            texts = [None if isinstance(record, str) else _text(record.get(f)) for f in fields if f]
+            if isinstance(record, str) or not all(texts):
+                why = record if isinstance(record, str) else f"has no {' or '.join(f for f in fields if f)}"
+                raise SFTError(f"{path}:{line}: the row {why}. Set dataset.text_field (and text_pair_field) to "
+                               "its field names.")
+            out.append((texts[0], texts[1] if text_pair_field else None))
+    except PermissionError as e:
+        raise SFTError(unreadable(path, e)) from e
     return out
 
 
