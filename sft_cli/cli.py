@@ -1,5 +1,7 @@
-"""The console entry points. Hydra composes and checks the config before torch is imported, so `--help`,
-`--cfg job` and config mistakes answer in about a second; the recipe itself is in train.py."""
+"""The console entry points and their command lines. Hydra composes and checks the config before torch is
+imported, so `--help`, `--cfg job` and config mistakes answer in about a second; the recipe itself is in
+train.py, what a sweep needs in sweep.py. torchrun starts this module directly:
+    torchrun --standalone --nproc_per_node=4 -m sft_cli.cli +experiment=cifar10_resnet18"""
 
 import contextlib
 import logging
@@ -13,39 +15,56 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from sft_cli import config
+from sft_cli import config, sweep
 from sft_cli.errors import SFTError
 
 log = logging.getLogger("sft_cli.cli")
 
+# An explicit hydra.run.dir is claimed with a lock on this file in it, held until the process exits.
+LOCK_FILE = ".sft-cli.lock"
+# Set by the process that holds the claim, so that the processes it starts (torchrun's, for
+# trainer.devices=N) may use the folder: its resolved path.
+CLAIMED_ENV = "SFT_CLI_RUN_DIR_CLAIMED"
+_claim = None  # this process's open lock file: closing it (at exit) releases the folder
+
 
 def train_main() -> None:
-    """sft-train (and `python -m sft_cli.train`, as torchrun starts it)."""
-    _refuse_used_run_dir(sys.argv[1:])
+    """sft-train (and `torchrun ... -m sft_cli.cli`)."""
+    argv = sys.argv[1:]
+    _refuse_bare_train(argv)
+    _refuse_used_run_dir(argv, "sft-train")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if {"-m", "--multirun"} & set(sys.argv):
-            _fail(SFTError("-m (a sweep) cannot run under torchrun: sweep with sft-train -m ... trainer.devices=N, "
-                           "which starts torchrun for each run."))
-        if os.environ.get("RANK", "0") != "0":
-            # Only rank 0's Hydra makes the run folder (its path reaches the others in train.py); the other
-            # ranks write no folder and no log, so there is one set of artefacts however many processes run.
-            sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
-                         "hydra/hydra_logging=disabled"]
+        _join_torchrun(argv)
+    if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks write nothing there
+        _claim_run_dir(argv)
     _train()
+
+
+def _join_torchrun(argv: list[str]) -> None:
+    if {"-m", "--multirun"} & set(argv):
+        _fail(SFTError("-m (a sweep) cannot run under torchrun: sweep with sft-train -m ... trainer.devices=N, "
+                       "which starts torchrun for each run."))
+    if os.environ.get("RANK", "0") != "0":
+        # Only rank 0's Hydra makes the run folder (its path reaches the others in train.py); the other
+        # ranks write no folder and no log, so there is one set of artefacts however many processes run.
+        sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
+                     "hydra/hydra_logging=disabled"]
 
 
 def eval_main() -> None:
     """sft-eval: the checkpoint's own config.yaml is put under the eval options before Hydra composes, so
     any key of the training run can be overridden as `key=value` (dataset.root=..., trainer.device=...)."""
-    _refuse_used_run_dir(sys.argv[1:])
+    _refuse_used_run_dir(sys.argv[1:], "sft-eval")
     _store_checkpoint_config(sys.argv[1:])
+    _claim_run_dir(sys.argv[1:])
     _eval()
 
 
 def predict_main() -> None:
     """sft-predict: like sft-eval, composed over the checkpoint's own config."""
-    _refuse_used_run_dir(sys.argv[1:])
+    _refuse_used_run_dir(sys.argv[1:], "sft-predict")
     _store_checkpoint_config(sys.argv[1:])
+    _claim_run_dir(sys.argv[1:])
     sys.argv = [_quote_text(a) for a in sys.argv]
     _predict()
 
@@ -67,7 +86,12 @@ def export_main() -> None:
 def _train() -> None:
     """sft-train's Hydra app, after the two checks Hydra cannot make before a sweep's first run."""
     _require_plugins(sys.argv[1:])
-    _check_sweep_config(sys.argv[1:])
+    args = _parse(sys.argv[1:])
+    if _is_sweep(args) and not _prints_only(args):
+        try:
+            sweep.check_config(args.overrides)
+        except SFTError as e:
+            _fail(e)
     _train_job()
 
 
@@ -91,38 +115,33 @@ def _require_plugins(argv: list[str]) -> None:
                                    f'pip install "sft-cli[{extra}]"'))
 
 
-def _check_sweep_config(argv: list[str]) -> None:
-    """Under -m every run composes its own config, and a run's error is recorded as a failed run, not raised.
-    A mistake that all runs share (trainer.monitor=val/acc) would fail them one by one, so the config is
-    checked here once, with the swept overrides left out, and a mistake stops the sweep before its first run."""
+def _parse(argv: list[str]):
+    """Hydra's own reading of the command line: flags (args.multirun, args.cfg, ...) and args.overrides."""
     from hydra._internal.utils import get_args_parser
 
-    args, _ = get_args_parser().parse_known_args(argv)
-    info = (args.cfg, args.help, args.hydra_help, args.info, args.shell_completion, args.config_path,
-            args.config_name, args.config_dir, args.experimental_rerun)
-    if not (args.multirun or "hydra.mode=MULTIRUN" in args.overrides) or any(info):
-        return
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    return get_args_parser().parse_known_args(argv)[0]
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(args.overrides)
-        with initialize_config_dir(config.find_config_dir(), version_base="1.3"):
-            cfg = compose("train", overrides=[o.input_line for o in parsed if not o.is_sweep_override()])
-    except Exception:  # a syntax or composition error: Hydra reports it next, also before any run
+
+def _is_sweep(args) -> bool:
+    return bool(args.multirun) or "hydra.mode=MULTIRUN" in args.overrides
+
+
+def _prints_only(args) -> bool:
+    """A flag with which Hydra prints something, or runs another config, instead of a run of ours."""
+    return any((args.cfg, args.help, args.hydra_help, args.info, args.shell_completion, args.config_path,
+                args.config_name, args.config_dir, args.experimental_rerun))
+
+
+def _refuse_bare_train(argv: list[str]) -> None:
+    """A bare sft-train would train the defaults (CIFAR-10 and ImageNet weights, both downloaded, and a
+    7x7-stem ResNet on 32x32 images): ask for an experiment instead, listing them."""
+    args = _parse(argv)
+    if _prints_only(args) or {o.split("=", 1)[0].lstrip("+~") for o in args.overrides} & {"experiment", "dataset"}:
         return
-    missing = OmegaConf.missing_keys(cfg)
-    for key in {o.key_or_group for o in parsed if o.is_sweep_override()} & missing:
-        OmegaConf.update(cfg, key, "<swept>")  # a required value given only as swept values is not missing
-    try:
-        config.check(cfg)
-    except SFTError as e:
-        _fail(e)
-    given = _arg(argv, "hydra.sweep.dir")  # the default folder is new by construction
-    if given and not cfg.sweep.skip_finished and any(Path(given).glob("*/summary.json")):
-        _fail(SFTError(f"hydra.sweep.dir={given} already holds the runs of an earlier sweep; they are left "
-                       "untouched. Choose a new folder, or add sweep.skip_finished=true to reuse its finished "
-                       "runs and run the others again."))
+    names = sorted(p.stem for p in (Path(config.find_config_dir()) / "experiment").glob("*.yaml"))
+    _fail(SFTError(f"sft-train needs an experiment: +experiment=NAME, one of: {', '.join(names)}. Start with the "
+                   "offline quickstart: sft-train +experiment=quickstart (or choose dataset=... model=... yourself; "
+                   "sft-train --help lists the options)."))
 
 
 @hydra.main(config_path=config.find_config_dir(), config_name="train", version_base="1.3")
@@ -132,9 +151,8 @@ def _train_job(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode != RunMode.MULTIRUN:
-        return _run_training(cfg, run_dir)
-    from sft_cli import sweep
-
+        with _error_in_log():
+            return _run_training(cfg, run_dir)
     overrides = list(hydra_cfg.overrides.task)
     if cfg.sweep.skip_finished:
         root = Path(hydra_cfg.runtime.cwd, cfg.sweep.root)
@@ -143,7 +161,7 @@ def _train_job(cfg: DictConfig) -> float | None:
             return sweep.reuse(found, run_dir, overrides)
         sweep.set_aside_earlier_attempt(run_dir)
     try:
-        with _machine_share(cfg, hydra_cfg):
+        with sweep.machine_share(cfg, hydra_cfg):
             value = _run_training(cfg, run_dir)
     except Exception as e:
         reason = str(e) if isinstance(e, SFTError) else f"{type(e).__name__}: {e}"
@@ -164,43 +182,25 @@ def _run_training(cfg: DictConfig, run_dir: Path) -> float:
 
 
 @contextlib.contextmanager
-def _machine_share(cfg: DictConfig, hydra_cfg: DictConfig):
-    """hydra/launcher=joblib runs several runs at once on this machine. Each gets cores / runs torch threads
-    (OMP_NUM_THREADS, when you set it) and, with several GPUs, a GPU of its own: the first one that no other
-    run of the sweep holds (a lock file in the sweep folder)."""
-    at_once = config.jobs_at_once(hydra_cfg.launcher)
-    if "joblib" not in hydra_cfg.launcher._target_ or at_once == 1:
-        yield
-        return
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // at_once)))
-    gpus = torch.cuda.device_count()
-    if gpus < 2 or cfg.trainer.devices > 1 or cfg.trainer.device not in ("auto", "cuda"):
-        log.info(f"{at_once} runs at once: {torch.get_num_threads()} CPU threads each")
-        yield
-        return
-    import fcntl
-
-    locks = Path(hydra_cfg.sweep.dir) / ".gpu_locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    gpu, held = hydra_cfg.job.num % gpus, None  # every GPU taken (more runs at once than GPUs): share by number
-    for i in range(gpus):
-        lock = open(locks / str(i), "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            continue
-        gpu, held = i, lock
-        break
-    cfg.trainer.device = f"cuda:{gpu}"
-    log.info(f"{at_once} runs at once: this one on cuda:{gpu} with {torch.get_num_threads()} CPU threads")
+def _error_in_log():
+    """A failed run's train.log ends with why it failed (a bug's traceback too). Only the log files get it:
+    Hydra prints the error on the terminal, and a log.error() would print it there a second time."""
     try:
         yield
-    finally:
-        if held is not None:
-            held.close()  # releases the lock
+    except SFTError as e:
+        _log_to_files(f"run failed: {e}", exc_info=False)
+        raise
+    except Exception as e:
+        _log_to_files(f"run failed: {type(e).__name__}: {e}", exc_info=True)
+        raise
+
+
+def _log_to_files(message: str, exc_info: bool) -> None:
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None,
+                            sys.exc_info() if exc_info else None)
+    for handler in logging.getLogger().handlers:  # Hydra's job_logging: the console and <job>.log
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 @hydra.main(config_path=config.find_config_dir(), config_name="eval", version_base="1.3")
@@ -214,9 +214,7 @@ def _eval(cfg: DictConfig) -> None:
 @hydra.main(config_path=config.find_config_dir(), config_name="predict", version_base="1.3")
 def _predict(cfg: DictConfig) -> None:
     config.require(cfg)
-    from sft_cli.predict import predict
-
-    predict(cfg, Path(HydraConfig.get().runtime.output_dir))
+    config.build(cfg.task).predict(cfg, Path(HydraConfig.get().runtime.output_dir))  # each task predicts its way
 
 
 @hydra.main(config_path=config.find_config_dir(), config_name="export", version_base="1.3")
@@ -227,11 +225,6 @@ def _export(cfg: DictConfig) -> None:
     export(cfg)
 
 
-def _arg(argv: list[str], key: str) -> str | None:
-    values = [a.split("=", 1)[1] for a in argv if a.startswith(f"{key}=")]
-    return values[-1] if values else None
-
-
 def _fail(error: SFTError):
     """Report an error found before Hydra starts the way Hydra reports it: one message, exit code 1."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -240,11 +233,11 @@ def _fail(error: SFTError):
     sys.exit(1)
 
 
-def _refuse_used_run_dir(argv: list[str]) -> None:
+def _refuse_used_run_dir(argv: list[str], command: str) -> None:
     # Hydra writes .hydra/ and the log into the run folder before any code of ours runs (and ignores
-    # errors raised by its callbacks), so an explicit hydra.run.dir is checked here. The default folder,
-    # <time>_<pid>, is new by construction.
-    given = _arg(argv, "hydra.run.dir")
+    # errors raised by its callbacks), so an explicit hydra.run.dir (+ and ++ spellings too) is checked here.
+    # The default folder, <time>_<pid>, is new by construction.
+    given = config.arg(argv, "hydra.run.dir")
     if given is None:
         return
     run_dir = Path(given).resolve()
@@ -252,19 +245,51 @@ def _refuse_used_run_dir(argv: list[str]) -> None:
     if used:
         _fail(SFTError(f"hydra.run.dir={run_dir} already holds a run ({', '.join(used)}); it is left untouched. "
                        "Leave hydra.run.dir at its default or choose an empty folder."))
-    ckpt = _arg(argv, "checkpoint")
+    ckpt = config.arg(argv, "checkpoint")
     if ckpt:
         ckpt = Path(ckpt).resolve()
         protected = [ckpt, ckpt / "checkpoints"] + ([ckpt.parent] if ckpt.parent.name == "checkpoints" else [])
         if any(run_dir.is_relative_to(p) for p in protected):
-            _fail(SFTError(f"hydra.run.dir={run_dir} is inside the checkpoint {ckpt}: sft-eval never writes "
+            _fail(SFTError(f"hydra.run.dir={run_dir} is inside the checkpoint {ckpt}: {command} never writes "
                            "there. Leave hydra.run.dir at its default or choose another folder."))
+
+
+def _claim_run_dir(argv: list[str]) -> None:
+    """Two commands started together with the same hydra.run.dir would both find it empty and write over
+    each other: the first to lock LOCK_FILE in it owns it until it exits, before Hydra writes anything there,
+    and the other stops. The default folder (<time>_<pid>) needs no claim."""
+    global _claim
+    given, args = config.arg(argv, "hydra.run.dir"), _parse(argv)
+    if given is None or "${" in given or _is_sweep(args) or _prints_only(args):
+        return  # an interpolation names a folder only Hydra can resolve; a sweep or --cfg uses no run folder
+    run_dir = Path(given).resolve()
+    if os.environ.get(CLAIMED_ENV) == str(run_dir):
+        return  # started by the process that holds it (distributed.launch's torchrun)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock, no claim
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / LOCK_FILE, "a+")  # not "w": that would erase the holder's pid
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip() or "unknown"
+        lock.close()
+        _fail(SFTError(f"hydra.run.dir={run_dir} is in use by another sft-cli process (pid {pid}); it is left "
+                       "untouched. Wait for that process to end, or choose another folder."))
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    _claim = lock
+    os.environ[CLAIMED_ENV] = str(run_dir)
 
 
 def _store_checkpoint_config(argv: list[str]) -> None:
     """Put the config.yaml of the checkpoint named by `checkpoint=` where eval/predict/export.yaml's
     defaults list expects it (`_checkpoint_`); empty without one, and Hydra reports `checkpoint` missing."""
-    path, node = _arg(argv, "checkpoint"), OmegaConf.create({})
+    path, node = config.arg(argv, "checkpoint"), OmegaConf.create({})
     if path is not None:
         from sft_cli import checkpoint
 
@@ -273,3 +298,7 @@ def _store_checkpoint_config(argv: list[str]) -> None:
         except SFTError as e:
             _fail(e)
     ConfigStore.instance().store(name="_checkpoint_", node=node)
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m sft_cli.cli ... is sft-train
+    train_main()

@@ -2,6 +2,8 @@
 
 import os
 import re
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -9,13 +11,14 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sft_cli.errors import SFTError, not_one_of
 
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
-MONITORS = ("val/accuracy", "val/macro_f1", "val/loss")
 MODES = ("max", "min")
+MINIMISED = ("loss", "perplexity")  # metric names (and any name ending in loss) for which lower is better
+MAXIMISED = ("accuracy", "f1")  # names ending in these: higher is better (accuracy, macro_f1, token_accuracy)
 
 
 def find_config_dir() -> str:
@@ -30,29 +33,31 @@ def find_config_dir() -> str:
 
 @dataclass
 class TrainerSchema:
-    """Types for configs/trainer/: a wrong type is a keyed error before anything runs."""
+    """Types for configs/trainer/: a wrong type is a keyed error before anything runs. Types only: every
+    value lives in configs/trainer/default.yaml, so a default is never written twice (MISSING here)."""
 
-    device: str = "auto"
-    devices: int = 1
-    sync_batchnorm: bool = False
-    max_epochs: int = 10
-    max_steps: Optional[int] = None
-    batch_size: int = 128
-    eval_batch_size: Optional[int] = None
-    num_workers: int = 2
-    precision: str = "auto"
-    accumulate_grad_batches: int = 1
-    gradient_clip_norm: Optional[float] = None
-    val_every_n_epochs: int = 1
-    log_every_n_steps: int = 50
-    monitor: str = "val/accuracy"
-    mode: str = "max"
-    early_stopping_patience: Optional[int] = None
-    deterministic: bool = False
-    channels_last: Optional[bool] = None
-    compile: bool = False
-    persistent_workers: bool = False
-    progress_bar: bool = True
+    device: str = MISSING
+    devices: int = MISSING
+    sync_batchnorm: bool = MISSING
+    max_epochs: int = MISSING
+    max_steps: Optional[int] = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: Optional[int] = MISSING
+    num_workers: int = MISSING
+    precision: str = MISSING
+    accumulate_grad_batches: int = MISSING
+    gradient_clip_norm: Optional[float] = MISSING
+    val_every_n_epochs: int = MISSING
+    log_every_n_steps: int = MISSING
+    checkpoint_every_n_steps: Optional[int] = MISSING
+    monitor: str = MISSING
+    mode: Optional[str] = MISSING
+    early_stopping_patience: Optional[int] = MISSING
+    deterministic: bool = MISSING
+    channels_last: Optional[bool] = MISSING
+    compile: bool = MISSING
+    persistent_workers: bool = MISSING
+    progress_bar: bool = MISSING
 
 
 ConfigStore.instance().store(group="trainer", name="schema", node=TrainerSchema)
@@ -61,9 +66,30 @@ ConfigStore.instance().store(group="trainer", name="schema", node=TrainerSchema)
 OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), replace=True, use_cache=True)
 
 
-def optuna_direction(mode: str) -> str:
-    """hparams_search/*.yaml: `${optuna_direction:${trainer.mode}}`, so the search optimises the way
-    checkpoints/best is chosen."""
+def mode_of(trainer: DictConfig) -> str:
+    """"min" or "max": trainer.mode when set, else what trainer.monitor's name implies: loss, perplexity and
+    any name ending in loss are minimised, every other metric (accuracy, macro_f1, ...) is maximised."""
+    if trainer.get("mode") is not None:
+        return trainer.mode
+    name = str(trainer.monitor).rsplit("/", 1)[-1]
+    return "min" if name in MINIMISED or name.endswith("loss") else "max"
+
+
+def _direction_is_known(monitor: str) -> bool:
+    """Whether the metric's name says which way is better (a loss, an accuracy, an F1), so that the other
+    trainer.mode is a mistake; for another metric (a task's own score) the user's trainer.mode stands."""
+    name = str(monitor).rsplit("/", 1)[-1]
+    return name in MINIMISED or name.endswith("loss") or name.endswith(MAXIMISED)
+
+
+def _mode_from(monitor: str, mode: str | None) -> str:
+    return mode_of(OmegaConf.create({"monitor": monitor, "mode": mode}))
+
+
+def optuna_direction(monitor: str, mode: str | None) -> str:
+    """hparams_search/*.yaml: `${optuna_direction:${trainer.monitor},${trainer.mode}}`, so the search
+    optimises the way checkpoints/best is chosen (mode_of)."""
+    mode = _mode_from(monitor, mode)
     if mode not in MODES:
         raise SFTError(not_one_of("trainer.mode", mode, MODES))
     return "maximize" if mode == "max" else "minimize"
@@ -82,6 +108,8 @@ def jobs_at_once(launcher: DictConfig) -> int:
 
 
 OmegaConf.register_new_resolver("optuna_direction", optuna_direction, replace=True)
+# `${mode_of:${trainer.monitor},${trainer.mode}}`: for a YAML value that follows the direction (scheduler=plateau)
+OmegaConf.register_new_resolver("mode_of", _mode_from, replace=True)
 OmegaConf.register_new_resolver("trials_at_once", jobs_at_once, replace=True)
 
 
@@ -94,26 +122,40 @@ def require(cfg: DictConfig) -> None:
 
 
 def check(cfg: DictConfig) -> None:
-    """Raise one SFTError listing every problem in cfg that can be seen before data or weights load."""
+    """Raise one SFTError listing every problem in cfg that can be seen before data or weights load (and
+    before torch is imported: these answer in about a second)."""
     require(cfg)
-    t = cfg.trainer
+    problems = _trainer_problems(cfg.trainer) + _run_problems(cfg)
+    if problems:
+        raise SFTError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def check_monitor(cfg: DictConfig, metrics: Iterable[str]) -> None:
+    """Raise an SFTError unless trainer.monitor names one of the validation metrics the task reports."""
+    allowed = [f"val/{m}" for m in sorted(metrics)]
+    if cfg.trainer.monitor not in allowed:
+        raise SFTError(not_one_of("trainer.monitor", cfg.trainer.monitor, allowed))
+
+
+def _trainer_problems(t: DictConfig) -> list[str]:
     problems = []
     if t.precision not in PRECISIONS:
         problems.append(not_one_of("trainer.precision", t.precision, PRECISIONS))
-    if t.monitor not in MONITORS:
-        problems.append(not_one_of("trainer.monitor", t.monitor, MONITORS))
-    if t.mode not in MODES:
-        problems.append(not_one_of("trainer.mode", t.mode, MODES))
-    elif t.monitor in MONITORS and t.mode != ("min" if t.monitor == "val/loss" else "max"):
+    if not re.fullmatch(r"val/[\w.-]+", t.monitor):
+        problems.append(f"trainer.monitor={t.monitor!r} must name a validation metric: val/<name>, e.g. "
+                        "trainer.monitor=val/accuracy")
+    implied = mode_of(OmegaConf.create({"monitor": t.monitor}))
+    if t.mode is not None and t.mode not in MODES:
+        problems.append(not_one_of("trainer.mode", t.mode, MODES + ("null",)))
+    elif t.mode is not None and t.mode != implied and _direction_is_known(t.monitor):
         problems.append(f"trainer.mode={t.mode} would keep the worst {t.monitor} as best: set trainer.mode="
-                        f"{'min' if t.monitor == 'val/loss' else 'max'}")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device):
-        problems.append(not_one_of("trainer.device", t.device, ("auto", "cpu", "cuda", "cuda:N", "mps")))
+                        f"{implied}, or leave it null (it follows trainer.monitor)")
+    problems += _device_problems(t)
     for key in ("max_epochs", "devices", "batch_size", "accumulate_grad_batches", "val_every_n_epochs",
                 "log_every_n_steps"):
         if t[key] < 1:
             problems.append(f"trainer.{key}={t[key]} must be at least 1")
-    for key in ("max_steps", "eval_batch_size", "early_stopping_patience"):
+    for key in ("max_steps", "eval_batch_size", "early_stopping_patience", "checkpoint_every_n_steps"):
         if t[key] is not None and t[key] < 1:
             problems.append(f"trainer.{key}={t[key]} must be at least 1, or null")
     if t.devices > 1 and t.batch_size % t.devices:
@@ -121,17 +163,84 @@ def check(cfg: DictConfig) -> None:
                         f"trainer.devices={t.devices}: use a multiple of {t.devices}")
     if t.num_workers < 0:
         problems.append(f"trainer.num_workers={t.num_workers} must be 0 or more")
+    return problems
+
+
+def _device_problems(t: DictConfig) -> list[str]:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device):
+        return [not_one_of("trainer.device", t.device, ("auto", "cpu", "cuda", "cuda:N", "mps"))]
+    absent = no_cuda_reason() if t.device.startswith("cuda") else None
+    if absent:
+        return [f"trainer.device={t.device} but no CUDA GPU is visible ({absent}): use trainer.device=cpu or "
+                "trainer.device=auto"]
+    return []
+
+
+def no_cuda_reason() -> str | None:
+    """Why no CUDA GPU can be visible, when that is certain without importing torch (a second saved on every
+    config mistake); None when unsure, and runtime.pick_device asks torch later."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    if sys.platform == "darwin":
+        return "macOS has no CUDA"
+    # WSL (/dev/dxg) and ROCm builds of torch (/dev/kfd: torch.cuda on AMD GPUs) have GPUs that the NVIDIA
+    # driver does not list, so only a plain Linux without the NVIDIA driver's GPU list is certain.
+    if not sys.platform.startswith("linux") or any(Path(p).exists() for p in ("/dev/dxg", "/dev/kfd")):
+        return None
+    try:
+        listed = any(Path("/proc/driver/nvidia/gpus").iterdir())
+    except FileNotFoundError:
+        listed = False
+    except OSError:
+        return None
+    return None if listed else "the NVIDIA driver lists no GPU in /proc/driver/nvidia/gpus"
+
+
+def _run_problems(cfg: DictConfig) -> list[str]:
+    problems = []
     if not isinstance(cfg.seed, int):
         problems.append(f"seed={cfg.seed!r} must be an integer")
-    if cfg.resume is not None and not Path(cfg.resume).exists():
-        problems.append(f"resume={cfg.resume!r} does not exist: give a run directory or a checkpoint "
-                        "(outputs/<name>/<date>/<time>/checkpoints/last)")
+    lr = cfg.optimizer.get("lr", 1)
+    if not _is_number(lr) or lr <= 0:
+        problems.append(f"optimizer.lr={lr!r} must be a positive number, e.g. optimizer.lr=1e-3")
+    for key in ("val_size", "test_size"):
+        size = cfg.dataset.get(key)
+        if size is not None and not _is_size(size):
+            problems.append(f"dataset.{key}={size!r} must be a fraction in (0, 1) or a count of examples, e.g. "
+                            f"dataset.{key}=0.1")
+    if cfg.resume is not None:
+        problems += _resume_problems(cfg.resume)
     size = cfg.dataset.get("transforms", {}).get("image_size")
     if str(cfg.model.get("name", "")).startswith("vit_") and size != 224:
         problems.append(f"model.name={cfg.model.name} takes 224x224 inputs only, but "
                         f"dataset.transforms.image_size={size}: set dataset.transforms.image_size=224")
-    if problems:
-        raise SFTError("invalid config:\n  - " + "\n  - ".join(problems))
+    return problems
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_size(value) -> bool:
+    """A fraction in (0, 1), or a whole count of examples (5000 or 5000.0)."""
+    return _is_number(value) and (0 < value < 1 or (value >= 1 and float(value).is_integer()))
+
+
+def _resume_problems(resume: str) -> list[str]:
+    from sft_cli import checkpoint  # resolve() only looks at files (checkpoint.py imports no torch for it)
+
+    try:
+        checkpoint.resolve(resume)
+    except SFTError as e:
+        return [f"resume={resume!r}: {e}"]
+    return []
+
+
+def arg(argv: list[str], key: str) -> str | None:
+    """The value the command line gives `key`, however it is spelled (key=, +key=, ++key=); the last wins."""
+    values = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith(f"{key}=")]
+    return values[-1] if values else None
 
 
 def build(node: DictConfig, *args, **kwargs):

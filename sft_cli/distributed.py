@@ -79,9 +79,9 @@ def launch(task_overrides: list[str], run_dir: Path, devices: int, device_name: 
         raise SFTError(f"trainer.devices={devices} asks for {devices} GPUs, but no CUDA GPU is visible. To train "
                        f"with {devices} CPU processes instead, set trainer.device=cpu.")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
-               "-m", "sft_cli.train", *task_overrides, f"hydra.run.dir={run_dir}"]
+               "-m", "sft_cli.cli", *task_overrides, f"hydra.run.dir={run_dir}"]
     log.info(f"launching DDP on {devices} processes: torchrun --standalone --nproc_per_node={devices} "
-             f"-m sft_cli.train {' '.join(task_overrides)}")
+             f"-m sft_cli.cli {' '.join(task_overrides)}")
     code = subprocess.call(command)
     summary = run_dir / "summary.json"
     if code != 0 or not summary.is_file():

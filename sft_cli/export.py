@@ -15,13 +15,14 @@ log = logging.getLogger("sft_cli.export")
 def export(cfg: DictConfig) -> Path:
     """Save a transformers checkpoint as a save_pretrained() folder (model + tokenizer) at cfg.output."""
     out = Path(cfg.output)
-    if out.exists() and any(out.iterdir()):
-        raise SFTError(f"output={out} exists and is not empty: choose a new folder (nothing is overwritten)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "is a file" if not out.is_dir() else "exists and is not empty"
+        raise SFTError(f"output={out} {what}: output must be a new or empty folder (nothing is overwritten)")
     ckpt = checkpoint.resolve(cfg.checkpoint)
     if not (ckpt / "hf").is_dir():
         raise SFTError(f"{ckpt} holds a torchvision model: its weights are already a plain safetensors file, "
                        f"{ckpt / checkpoint.MODEL_FILE}; sft-export is for transformers models.")
-    model, _ = checkpoint.load_model(cfg, ckpt, torch.device("cpu"))
+    _, model = checkpoint.load_model(cfg, ckpt, torch.device("cpu"))
     model.model.save_pretrained(out)
     model.tokenizer.save_pretrained(out)
     log.info(f"exported to {out}: AutoModelForSequenceClassification.from_pretrained('{out}') loads it")

@@ -25,11 +25,11 @@ def predict(cfg: DictConfig, out_dir: Path) -> list[dict]:
         raise SFTError("give exactly one of text=\"...\" or input=<file or folder>")
     if cfg.top_k < 1:
         raise SFTError(f"top_k={cfg.top_k} must be at least 1")
-    if cfg.output is not None and Path(cfg.output).suffix not in (".csv", ".jsonl"):
-        raise SFTError(f"output={cfg.output} must end in .csv or .jsonl (or leave it out to print a table)")
+    _check_output(cfg)
     ckpt = checkpoint.resolve(cfg.checkpoint)
     device = runtime.pick_device(cfg.trainer.device)
-    model, classes = checkpoint.load_model(cfg, ckpt, device)
+    task, model = checkpoint.load_model(cfg, ckpt, device)
+    classes = task.info()["classes"]
     is_text = hasattr(model, "tokenizer")
     pair_field = cfg.dataset.get("text_pair_field") if is_text else None
     if cfg.text is not None:
@@ -54,6 +54,20 @@ def predict(cfg: DictConfig, out_dir: Path) -> list[dict]:
                              "top_k": [{"label": classes[i], "score": s} for i, s in zip(indices, scores)]})
     _write(rows, cfg.output)
     return rows
+
+
+def _check_output(cfg: DictConfig) -> None:
+    """Before the model loads: output= names a new .csv/.jsonl file, or an existing one with overwrite=true."""
+    if cfg.output is None:
+        return
+    path = Path(cfg.output)
+    if path.suffix not in (".csv", ".jsonl"):
+        raise SFTError(f"output={cfg.output} must end in .csv or .jsonl (or leave it out to print a table)")
+    if path.is_dir():
+        raise SFTError(f"output={cfg.output} is a folder: give a file name ending in .csv or .jsonl")
+    if path.exists() and not cfg.get("overwrite", False):
+        raise SFTError(f"output={cfg.output} already exists and is left untouched: choose a new file name, or "
+                       "add overwrite=true to replace it")
 
 
 def _texts(path: Path, text_field: str, pair_field: str | None) -> list[tuple[str, str | None]]:
@@ -100,8 +114,6 @@ def _write(rows: list[dict], output: str | None) -> None:
                                for r in rows], ["input", "label", "score", "top_k"], "predictions")
         return
     path = Path(output)
-    if path.is_dir():
-        raise SFTError(f"output={output} is a folder: give a file name ending in .csv or .jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))

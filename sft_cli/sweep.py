@@ -1,6 +1,7 @@
 """After `sft-train -m ...`: rank every run of the sweep by its monitored metric (summary.csv, summary.md), and
-average the runs that differ only in `seed` (summary_seeds.csv, summary_seeds.md). Also what a run of a sweep
-needs: its failure record, and the finished twin from an earlier sweep that sweep.skip_finished=true reuses."""
+average the runs that differ only in `seed` (summary_seeds.csv, summary_seeds.md). Also what a sweep needs
+before its first run (check_config) and each run needs: its share of the machine, its failure record, and the
+finished twin from an earlier sweep that sweep.skip_finished=true reuses."""
 
 import contextlib
 import csv
@@ -15,7 +16,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from sft_cli import console
+from sft_cli import config, console
+from sft_cli.errors import SFTError
 
 log = logging.getLogger("sft_cli.sweep")
 
@@ -140,8 +142,9 @@ def read_summary(run_dir: Path) -> dict | None:
 
 def record_failure(run_dir: Path, cfg: DictConfig, overrides: list[str], reason: str) -> None:
     """summary.json of a run of a sweep that raised: status failed and the reason, for the sweep's summary."""
+    monitor = OmegaConf.select(cfg, "trainer.monitor")
     summary = {"name": cfg.get("name"), "status": "failed", "error": reason,
-               "monitor": OmegaConf.select(cfg, "trainer.monitor"), "mode": OmegaConf.select(cfg, "trainer.mode"),
+               "monitor": monitor, "mode": config.mode_of(cfg.trainer) if monitor else None,
                "best_value": None, "overrides": overrides, "run_dir": str(run_dir.absolute())}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
@@ -204,3 +207,83 @@ def set_aside_earlier_attempt(run_dir: Path) -> None:
         for name in names:
             (run_dir / name).rename(attempt / name)
 
+
+
+def check_config(overrides: list[str]) -> None:
+    """Before a sweep's first run. Under -m every run composes its own config, and a run's error is recorded
+    as a failed run, not raised: a mistake that all runs share (trainer.monitor=val/acc) would fail them one
+    by one. So the config is composed here once from the command line's `overrides`, the swept ones left out,
+    and checked: an SFTError stops the sweep before its first run."""
+    cfg, swept = _compose_unswept(overrides)
+    if cfg is None:
+        return  # a syntax or composition error: Hydra reports it next, also before any run
+    for key in swept & OmegaConf.missing_keys(cfg):
+        OmegaConf.update(cfg, key, "<swept>")  # a required value given only as swept values is not missing
+    config.check(cfg)
+    if "task" in cfg:  # the task class says which metrics trainer.monitor may name (imports torch: -m only)
+        from hydra.utils import get_class
+
+        config.check_monitor(cfg, get_class(cfg.task._target_).metrics)
+    given = config.arg(overrides, "hydra.sweep.dir")  # the default folder is new by construction
+    if given and not cfg.sweep.skip_finished and any(Path(given).glob("*/summary.json")):
+        raise SFTError(f"hydra.sweep.dir={given} already holds the runs of an earlier sweep; they are left "
+                       "untouched. Choose a new folder, or add sweep.skip_finished=true to reuse its finished "
+                       "runs and run the others again.")
+
+
+def _compose_unswept(overrides: list[str]) -> tuple[DictConfig | None, set[str]]:
+    """train.yaml composed with the overrides that are not swept, and the keys that are (None on an error)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        with initialize_config_dir(config.find_config_dir(), version_base="1.3"):
+            cfg = compose("train", overrides=[o.input_line for o in parsed if not o.is_sweep_override()])
+    except Exception:
+        return None, set()
+    return cfg, {o.key_or_group for o in parsed if o.is_sweep_override()}
+
+
+@contextlib.contextmanager
+def machine_share(cfg: DictConfig, hydra_cfg: DictConfig):
+    """hydra/launcher=joblib runs several runs at once on this machine. Each gets cores / runs torch threads
+    (OMP_NUM_THREADS, when you set it) and, with several GPUs, a GPU of its own: the first one that no other
+    run of the sweep holds (a lock file in the sweep folder)."""
+    at_once = config.jobs_at_once(hydra_cfg.launcher)
+    if "joblib" not in hydra_cfg.launcher._target_ or at_once == 1:
+        yield
+        return
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // at_once)))
+    gpus = torch.cuda.device_count()
+    if gpus < 2 or cfg.trainer.devices > 1 or cfg.trainer.device not in ("auto", "cuda"):
+        log.info(f"{at_once} runs at once: {torch.get_num_threads()} CPU threads each")
+        yield
+        return
+    gpu, held = _free_gpu(Path(hydra_cfg.sweep.dir) / ".gpu_locks", gpus, hydra_cfg.job.num)
+    cfg.trainer.device = f"cuda:{gpu}"
+    log.info(f"{at_once} runs at once: this one on cuda:{gpu} with {torch.get_num_threads()} CPU threads")
+    try:
+        yield
+    finally:
+        if held is not None:
+            held.close()  # releases the lock
+
+
+def _free_gpu(locks: Path, gpus: int, job_num: int):
+    """(the first GPU whose lock file no other run holds, its open lock file); with every GPU taken (more
+    runs at once than GPUs) the GPUs are shared by run number, and no lock is held."""
+    import fcntl
+
+    locks.mkdir(parents=True, exist_ok=True)
+    for i in range(gpus):
+        lock = open(locks / str(i), "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        return i, lock
+    return job_num % gpus, None

@@ -23,8 +23,9 @@ def refused(result, *expected: str) -> None:
     (["optimizer=rmsprop"], ["optimizer/rmsprop", "adamw"]),                      # bad group option: lists options
     (["trainer.epochs=3"], ["trainer.epochs", "Key 'epochs' not in"]),            # unknown key
     (["trainer.max_epochs=ten"], ["trainer.max_epochs", "could not be converted to Integer"]),  # wrong type
-    (["trainer.monitor=val/acc", "trainer.precision=fp16", "resume=/no/such/run"],  # all problems at once
-     ["trainer.monitor='val/acc' is not one of: val/accuracy", "trainer.precision='fp16'", "resume='/no/such/run'"]),
+    (["optimizer.lr=fast", "trainer.precision=fp16", "resume=/no/such/run"],  # all problems at once
+     ["optimizer.lr='fast' must be a positive number", "trainer.precision='fp16'", "resume='/no/such/run'"]),
+    (["trainer.monitor=val/acc"], ["trainer.monitor='val/acc' is not one of: val/accuracy"]),  # train(): the task's
     (["freeze=lower", "freeze.until=layer9"], ["freeze.until='layer9' is not one of: stem, layer1"]),
 ])
 def test_config_mistakes(tmp_path: Path, overrides, expected):

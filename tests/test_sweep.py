@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from conftest import ok, read_json, run_cli
 from sft_cli import cli, config, sweep
+from sft_cli.errors import SFTError
 
 # One optimizer step of the quickstart at 16x16: each run takes a few seconds.
 TINY = ["+experiment=quickstart", "dataset.transforms.image_size=16", "trainer.max_epochs=1", "trainer.max_steps=1",
@@ -79,26 +80,22 @@ def test_a_typo_in_the_monitored_metric_stops_a_sweep_before_its_first_run(tmp_p
     result = run_cli("sft-train", "-m", "+experiment=quickstart", "trainer.monitor=val/acc", "optimizer.lr=0.1,0.01",
                      "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.output, result.output[-2000:]
-    assert "trainer.monitor='val/acc' is not one of: val/accuracy, val/macro_f1, val/loss" in result.output
+    assert "trainer.monitor='val/acc' is not one of: val/accuracy, val/loss, val/macro_f1" in result.output
     assert not (tmp_path / "sweep").exists()  # no run started
 
 
-def test_a_required_value_given_only_as_swept_values_is_not_missing(monkeypatch):
+def test_a_required_value_given_only_as_swept_values_is_not_missing():
     # image_folder needs dataset.root; swept here, so the check before the sweep must not call it missing
-    monkeypatch.setattr(cli, "_fail", lambda error: pytest.fail(str(error)))
-    cli._check_sweep_config(["-m", "+experiment=image_folder", "dataset.root=/a,/b"])
+    sweep.check_config(["+experiment=image_folder", "dataset.root=/a,/b"])
 
 
 def test_a_sweep_folder_that_holds_runs_is_reused_only_with_skip_finished(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_run(tmp_path / "sweep", 0, ["optimizer.lr=0.1"], finished(0.9, 0.9))
-    errors = []
-    monkeypatch.setattr(cli, "_fail", errors.append)
-    cli._check_sweep_config(["-m", "+experiment=quickstart", "optimizer.lr=0.1,0.01", "hydra.sweep.dir=sweep"])
-    assert "hydra.sweep.dir=sweep already holds the runs of an earlier sweep" in str(errors.pop())
-    cli._check_sweep_config(["-m", "+experiment=quickstart", "optimizer.lr=0.1,0.01", "hydra.sweep.dir=sweep",
-                             "sweep.skip_finished=true"])
-    assert not errors
+    with pytest.raises(SFTError, match="hydra.sweep.dir=sweep already holds the runs of an earlier sweep"):
+        sweep.check_config(["+experiment=quickstart", "optimizer.lr=0.1,0.01", "hydra.sweep.dir=sweep"])
+    sweep.check_config(["+experiment=quickstart", "optimizer.lr=0.1,0.01", "++hydra.sweep.dir=sweep",
+                        "sweep.skip_finished=true"])
 
 
 def test_launcher_presets_compose(tmp_path: Path):
@@ -123,6 +120,18 @@ def test_search_presets_optimise_in_the_direction_of_trainer_mode(preset):
     cfg = compose_with_hydra(["+experiment=quickstart", f"hparams_search={preset}", "trainer.monitor=val/loss",
                               "trainer.mode=min"])
     assert cfg.hydra.sweeper.direction == "minimize"
+    cfg = compose_with_hydra(["+experiment=quickstart", f"hparams_search={preset}", "trainer.monitor=val/loss"])
+    assert cfg.hydra.sweeper.direction == "minimize"  # trainer.mode=null follows the monitor, as config.mode_of
+
+
+def test_tpe_searches_the_space_of_random_with_another_sampler():
+    random, tpe = (compose_with_hydra(["+experiment=quickstart", f"hparams_search={p}"]).hydra.sweeper
+                   for p in ("random", "tpe"))
+    assert tpe.params == random.params and len(tpe.params) == 5  # written once, in random.yaml
+    assert (random.sampler._target_, tpe.sampler._target_) == ("optuna.samplers.RandomSampler",
+                                                               "optuna.samplers.TPESampler")
+    assert tpe.sampler.n_startup_trials == 5 and tpe.sampler.seed == random.sampler.seed
+    assert {k: v for k, v in tpe.items() if k != "sampler"} == {k: v for k, v in random.items() if k != "sampler"}
 
 
 @pytest.mark.parametrize("arg,extra", [("hparams_search=random", "search"), ("hydra/launcher=joblib", "search"),
@@ -249,7 +258,7 @@ def test_joblib_runs_on_several_gpus_each_take_one_that_no_other_run_holds(tmp_p
         cfg = OmegaConf.create({"trainer": {"device": "auto", "devices": 1}})
         hydra_cfg = OmegaConf.create({"launcher": {"_target_": "hydra_plugins.hydra_joblib_launcher.JoblibLauncher",
                                                    "n_jobs": 2}, "sweep": {"dir": str(tmp_path)}, "job": {"num": num}})
-        return cfg, cli._machine_share(cfg, hydra_cfg)
+        return cfg, sweep.machine_share(cfg, hydra_cfg)
 
     (first, first_share), (second, second_share) = run(0), run(1)
     with first_share, second_share:
