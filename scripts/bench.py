@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sft_cli import checkpoint, config, data, models, optim, runtime
-from sft_cli.data import make_loader, to_device
+from sft_cli.data import LoaderOptions, make_loader, to_device
 
 WORDS = ["good", "great", "fine", "enjoyed", "bad", "awful", "poor", "hated",
          "the", "a", "movie", "film", "book", "it", "was", "is", "very", "really", "and"]
@@ -213,7 +213,7 @@ def model_and_step(cfg, classes, device):
     """The configured model and optimizer, and a plain training step: forward, loss, backward, step."""
     torch.manual_seed(0)
     model = config.build(cfg.model, classes=classes).to(device).train()
-    optimizer = optim.build_optimizer(cfg.optimizer, model, models.head_name(model))
+    optimizer = optim.build_optimizer(cfg.optimizer, cfg.param_groups, model, models.head_name(model))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "16-mixed")
     criterion = nn.CrossEntropyLoss()
 
@@ -235,7 +235,7 @@ def minimal_loop(cfg, args, device, windows: int) -> dict | None:
     if windows == 0:
         return None
     splits = config.build(cfg.dataset)
-    loader = make_loader(splits.train, args.batch_size, 0, device, shuffle=True, collate=splits.collate)
+    loader = make_loader(splits, "train", args.batch_size, LoaderOptions(device))
     batches = [(to_device(x, device), y.to(device)) for x, y in itertools.islice(loader, 8)]
     step = model_and_step(cfg, splits.classes, device)
     reset_peak_memory(device)
@@ -372,10 +372,15 @@ def first_step(overrides: list[str], work: Path) -> float:
 # ---------------------------------------------------------------------------------------------- the two tasks
 
 
+def validation_size(batch_size: int, n_train: int) -> int:
+    """8 evaluation batches (2 x batch size), a multiple of the 10 classes, never more than the train split."""
+    return 10 * max(1, min(16 * batch_size, n_train) // 10)
+
+
 def bench_vision(args, device, work: Path) -> dict:
     b, steps, model = args.batch_size, args.steps, args.model or "resnet18"
-    n_val = 10 * math.ceil(16 * b / 10)  # 8 evaluation batches (2 x batch size)
     n_train = ((args.repeats + 1) * steps + 1) * b  # one epoch covers every step of the recipe's run
+    n_val = validation_size(b, n_train)
     root = write_cifar(work / "cifar", n_train + n_val, n_val)
     model_args = [f"model={model}"] if (Path(config.find_config_dir()) / "model" / f"{model}.yaml").is_file() \
         else [f"model.name={model}", "model.stem=[]"]
@@ -396,12 +401,12 @@ def bench_vision(args, device, work: Path) -> dict:
                       "test images")
     chosen = "fast" if hasattr(fast.train, "loader") else "torchvision"
     result["recipe_pipeline"] = f"{cfg.dataset.pipeline} -> {chosen}"
-    result["d_pipeline_fast"] = pipeline_alone(make_loader(fast.train, b, args.num_workers, device, shuffle=True),
+    result["d_pipeline_fast"] = pipeline_alone(make_loader(fast, "train", b, LoaderOptions(device, args.num_workers)),
                                                args, device)
     del fast
     per_sample = config.build(cfg.dataset, pipeline="torchvision")
     result["d_pipeline_torchvision"] = pipeline_alone(
-        make_loader(per_sample.train, b, args.num_workers, device, shuffle=True), args, device)
+        make_loader(per_sample, "train", b, LoaderOptions(device, args.num_workers)), args, device)
     result["eval_samples_per_s"] = eval_throughput(ckpt, args, device)
     images = work / "predict_images"
     images.mkdir()
@@ -426,7 +431,7 @@ def bench_text(args, device, work: Path) -> dict:
     else:
         result["model"] = model
     n_train = ((args.repeats + 1) * steps + 1) * b
-    n_val = 10 * math.ceil(16 * b / 10)  # 8 evaluation batches (2 x batch size)
+    n_val = validation_size(b, n_train)
     tsv = write_sentences(work / "sentences.tsv", n_train + n_val, args.seq_len)
     test_tsv = write_sentences(work / "test.tsv", n_val, args.seq_len, seed=1)
     overrides = ["+experiment=text_classification", f"dataset.train_file={tsv}", f"dataset.test_file={test_tsv}",
@@ -441,7 +446,7 @@ def bench_text(args, device, work: Path) -> dict:
     result["c_sft_cli"], ckpt = recipe(cfg, work, device)
     result["a_minimal"] = bracketing(first_half, minimal_loop(cfg, args, device, args.repeats // 2))
     result["d_pipeline_sft_cli"] = pipeline_alone(
-        make_loader(splits.train, b, 0, device, shuffle=True, collate=splits.collate), args, device)
+        make_loader(splits, "train", b, LoaderOptions(device)), args, device)
     result["d_pipeline_naive"] = pipeline_alone(naive_text_batches(cfg, rows, splits.classes, args), args, device)
     result["eval_samples_per_s"] = eval_throughput(ckpt, args, device)
     texts = work / "predict_texts.txt"

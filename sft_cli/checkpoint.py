@@ -313,17 +313,19 @@ def copy_history(ckpt: Path, run_dir: Path, epoch: int, step: int) -> None:
         (run_dir / "metrics.csv").write_text("\n".join([header, *kept]) + "\n")
 
 
-def load_model(cfg: DictConfig, ckpt: Path, device: torch.device) -> tuple[nn.Module, list[str]]:
-    """The checkpoint's model, in eval mode on `device`, and its class names; built from `cfg` (the
-    checkpoint's config, possibly overridden) without fetching any pretrained weights. For a transformers
-    model, cfg.model.name_or_path and cfg.dataset.tokenizer are pointed at the checkpoint's own hf/ copy."""
+def load_model(cfg: DictConfig, ckpt: Path, device: torch.device):
+    """(task, model): the checkpoint's task, given what its meta.json records (a classifier's class names), and
+    its model in eval mode on `device`, built from `cfg` (the checkpoint's config, possibly overridden) without
+    fetching any pretrained weights. For a transformers model, cfg.model.name_or_path and cfg.dataset.tokenizer
+    are pointed at the checkpoint's own hf/ copy."""
     from sft_cli.config import build
 
-    classes = load_meta(ckpt)["classes"]
+    task = build(cfg.task)
+    task.set_info(load_meta(ckpt))
     if (ckpt / "hf").is_dir():
         cfg.model.name_or_path = str(ckpt / "hf")
         if "tokenizer" in cfg.dataset:
             cfg.dataset.tokenizer = str(ckpt / "hf")
-    model = build(cfg.model, classes=classes, weights=None)
+    model = task.model(cfg.model, pretrained=False)
     load_weights(ckpt, model)
-    return model.to(device).eval(), classes
+    return task, model.to(device).eval()

@@ -1,7 +1,7 @@
 """sft-eval: evaluate a checkpoint on the test (or val) split of its dataset, from the checkpoint alone.
 
-Writes eval.json (accuracy, macro-F1, per-class precision/recall/F1, confusion matrix) into its own
-output folder, never into the checkpoint's.
+Writes eval.json (the task's metrics and details: for a classifier accuracy, macro-F1, per-class
+precision/recall/F1 and the confusion matrix) into its own output folder, never into the checkpoint's.
 """
 
 import json
@@ -10,9 +10,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from sft_cli import checkpoint, config, console, loss, runtime
+from sft_cli import checkpoint, config, console, data, runtime
 from sft_cli.errors import SFTError, not_one_of
-from sft_cli.data import make_loader
 from sft_cli.train import evaluate
 
 log = logging.getLogger("sft_cli.eval")
@@ -25,27 +24,29 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
         raise SFTError(not_one_of("split", cfg.split, ("test", "val")))
     ckpt = checkpoint.resolve(cfg.checkpoint)
     device = runtime.pick_device(cfg.trainer.device)
-    model, classes = checkpoint.load_model(cfg, ckpt, device)
+    task, model = checkpoint.load_model(cfg, ckpt, device)
+    info = task.info()
 
-    splits = config.build(cfg.dataset)
-    if splits.classes != classes:
-        raise SFTError(f"the dataset's classes {splits.classes} differ from the checkpoint's {classes}: "
-                       "evaluate on data with the same classes (check the dataset.* overrides).")
-    data = splits.test if cfg.split == "test" else splits.val
-    if data is None:
+    splits = task.data(cfg.dataset)
+    for key, value in task.info().items():
+        if value != info[key]:
+            raise SFTError(f"the dataset's {key} {value} differ from the checkpoint's {info[key]}: evaluate on "
+                           "data with the same classes (check the dataset.* overrides).")
+    if getattr(splits, cfg.split) is None:
         raise SFTError(f"dataset <{cfg.dataset._target_}> has no test split here: use split=val, or give the "
                        "data a test split (an image folder's root/test/<class>/, or dataset.test_file=...).")
 
-    criterion = loss.cross_entropy(cfg.loss, splits.train_targets, len(classes), device)
+    task.set_loss(cfg.loss, splits, model)
     batch = cfg.trainer.eval_batch_size or 2 * cfg.trainer.batch_size
-    loader = make_loader(data, batch, cfg.trainer.num_workers, device, shuffle=False, collate=splits.collate)
-    result = evaluate(model, loader, criterion, device, cfg.trainer.precision, len(classes))
+    options = data.LoaderOptions(device, cfg.trainer.num_workers)
+    result = evaluate(task, model, data.make_loader(splits, cfg.split, batch, options), device, cfg.trainer.precision)
 
-    report = {"checkpoint": str(ckpt.resolve()), "split": cfg.split, "samples": len(data),
-              "classes": classes, **result}
+    samples = len(getattr(splits, cfg.split))
+    report = {"checkpoint": str(ckpt.resolve()), "split": cfg.split, "samples": samples, **info, **result}
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
-    console.print_key_values(f"{cfg.split} split of {ckpt}", {k: result[k] for k in ("accuracy", "macro_f1", "loss")}
-                             | {"samples": len(data)})
-    console.print_class_report(classes, result)
+    console.print_key_values(f"{cfg.split} split of {ckpt}", {k: result[k] for k in task.metrics}
+                             | {"samples": samples})
+    if "classes" in info:
+        console.print_class_report(info["classes"], result)
     log.info(f"wrote {out_dir / 'eval.json'}")
     return report

@@ -1,4 +1,4 @@
-"""The task loss (cross-entropy with class weights) and extra terms: L = L_task + weight x L_extra."""
+"""Classification losses (configs/loss/): cross-entropy with class weights, plus extra terms such as L2-SP."""
 
 import torch
 from torch import nn
@@ -6,7 +6,7 @@ from torch import nn
 from sft_cli.errors import SFTError
 
 
-def class_weights(spec, targets: list[int], num_classes: int) -> torch.Tensor | None:
+def resolve_class_weights(spec, targets: list[int], num_classes: int) -> torch.Tensor | None:
     """loss.class_weights: null, `balanced` (n / (classes x count_c), as scikit-learn), or a list."""
     if spec is None:
         return None
@@ -25,22 +25,39 @@ def class_weights(spec, targets: list[int], num_classes: int) -> torch.Tensor | 
 class L2SP:
     """L2-SP (Li et al., 2018): weight x the summed squared distance of the pretrained parameters from
     their values when this object was made (before training). Layers the model builder created from
-    scratch (model.sft_new_stages: the new head, a new stem) have no pretrained values and are not pulled."""
+    scratch (model.sft_new_stages: the new head, a new stem) have no pretrained values and are not pulled.
+    It holds the parameters themselves, not their names, so it works the same through a DDP wrapper."""
 
     def __init__(self, model: nn.Module, weight: float):
         new = [m for name, members in model.sft_stages if name in model.sft_new_stages for m in members]
         self.weight = weight
-        self.start = {n: p.detach().clone() for n, p in model.named_parameters()
-                      if not any(n == m or n.startswith(m + ".") for m in new)}
+        self.anchors = [(p, p.detach().clone()) for n, p in model.named_parameters()
+                        if not any(n == m or n.startswith(m + ".") for m in new)]
 
-    def __call__(self, model: nn.Module) -> torch.Tensor:
-        named = dict(model.named_parameters())
-        return self.weight * sum((named[n] - p0).pow(2).sum() for n, p0 in self.start.items()
-                                 if named[n].requires_grad)
+    def __call__(self) -> torch.Tensor:
+        return self.weight * sum((p - p0).pow(2).sum() for p, p0 in self.anchors if p.requires_grad)
 
 
-def cross_entropy(cfg, train_targets: list[int], num_classes: int, device: torch.device) -> nn.CrossEntropyLoss:
-    """The task loss from configs/loss/: label smoothing and class weights (computed on the train split)."""
-    weights = class_weights(cfg.class_weights, train_targets, num_classes)
-    return nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
-                               label_smoothing=cfg.label_smoothing)
+class CrossEntropy:
+    """configs/loss/cross_entropy.yaml: cross-entropy with label smoothing and class weights (computed on the
+    train split), plus an optional extra term built on the model (loss=l2sp): L = L_task + L_extra.
+    The recipe passes what exists only at run time: the train labels, the class count and the model."""
+
+    def __init__(self, label_smoothing: float, class_weights, extra, train_targets: list[int], num_classes: int,
+                 model: nn.Module):
+        weights = resolve_class_weights(class_weights, train_targets, num_classes)
+        device = next(model.parameters()).device
+        self.task = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
+                                        label_smoothing=label_smoothing)
+        self.extra = extra(model) if extra is not None else None  # a `_partial_` target, completed here
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The task loss alone (what is reported); add `extra()` for the loss that is minimised."""
+        return self.task(logits.float(), targets)
+
+    def batch_weight(self, targets: torch.Tensor) -> float | torch.Tensor:
+        """What the batch's mean loss was divided by: its size (known on the host, so no copy to the GPU), or
+        with class weights the sum of its weights (a device tensor)."""
+        if self.task.weight is None:
+            return float(len(targets))
+        return self.task.weight[targets].sum()

@@ -1,8 +1,12 @@
-"""Accuracy and F1 from a confusion matrix accumulated on the device (no host sync per step)."""
+"""Accuracy and F1 from a confusion matrix accumulated on the device (no host sync per step), the on-device
+window that accumulates them, and the metric files of a run."""
 
 import json
+import time
 
 import torch
+
+from sft_cli import distributed
 
 
 def confusion(logits: torch.Tensor, targets: torch.Tensor, num_classes: int,
@@ -38,22 +42,63 @@ def scores(cm: torch.Tensor) -> dict:
     }
 
 
+class ConfusionWindow:
+    """Running loss and confusion counts of a classifier on the device, between two reads. add() never waits
+    for the device; read() syncs once, sums over DDP processes and returns plain numbers. It is what
+    Classification.window() gives the loop (a task's window: add, read, details, state_dict, load_state_dict)."""
+
+    def __init__(self, num_classes: int, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.weight_sum = 0.0  # a host float, or a device tensor once class weights are added
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+        self.num_classes, self.device, self.start = num_classes, device, time.perf_counter()
+
+    def add(self, record: tuple) -> None:
+        """record: (mean loss of the batch, what it was divided by, logits, targets), all detached."""
+        mean_loss, weight, logits, targets = record
+        self.loss_sum += mean_loss.float() * weight
+        self.weight_sum += weight
+        confusion(logits, targets, self.num_classes, out=self.confusion)
+
+    def read(self) -> dict:
+        """loss, accuracy, macro_f1, samples and samples_per_s; keeps the summed matrix for details()."""
+        weight_sum = torch.as_tensor(self.weight_sum, dtype=torch.float32, device=self.device)
+        loss_sum, weight_sum, self.total = distributed.all_reduce_sum(self.loss_sum, weight_sum, self.confusion)
+        s = scores(self.total)
+        samples = int(self.total.sum())
+        return {"loss": (loss_sum / weight_sum.clamp(min=1e-12)).item(), "accuracy": s["accuracy"],
+                "macro_f1": s["macro_f1"], "samples": samples,
+                "samples_per_s": samples / (time.perf_counter() - self.start)}
+
+    def details(self) -> dict:
+        """After read(): per-class precision/recall/F1/support and the confusion matrix (what sft-eval shows)."""
+        return {**scores(self.total), "confusion": self.total.tolist()}
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": self.loss_sum, "weight_sum": self.weight_sum, "confusion": self.confusion}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_sum = state["loss_sum"].to(self.device)
+        weight = state["weight_sum"]
+        self.weight_sum = weight.to(self.device) if isinstance(weight, torch.Tensor) else weight
+        self.confusion = state["confusion"].to(self.device)
+
+
 class MetricsFiles:
-    """metrics.jsonl (a record per logging interval and per validation) and metrics.csv (a row per epoch)
-    in the run folder. Each write is flushed, so a killed run keeps everything up to its last record.
-    With enabled=False (DDP ranks other than 0) it writes nothing."""
+    """metrics.jsonl (a record per logging interval and per validation) and metrics.csv (a row per epoch, with
+    train_ and val_ columns for each metric the task reports) in the run folder. Each write is flushed, so a
+    killed run keeps everything up to its last record. With enabled=False (DDP ranks but 0) it writes nothing."""
 
-    CSV_COLUMNS = ("epoch", "step", "train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy",
-                   "val_macro_f1", "lr", "train_samples_per_s", "elapsed")
-
-    def __init__(self, run_dir, enabled: bool = True):
+    def __init__(self, run_dir, metrics: tuple[str, ...], enabled: bool = True):
         self.enabled = enabled
+        self.columns = ("epoch", "step", *(f"{split}_{m}" for split in ("train", "val") for m in metrics), "lr",
+                        "train_samples_per_s", "elapsed")
         if not enabled:
             return
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         self.csv = open(run_dir / "metrics.csv", "a")
         if self.csv.tell() == 0:
-            self.csv.write(",".join(self.CSV_COLUMNS) + "\n")
+            self.csv.write(",".join(self.columns) + "\n")
 
     def record(self, record: dict) -> None:
         if self.enabled:
@@ -62,7 +107,7 @@ class MetricsFiles:
 
     def epoch_row(self, row: dict) -> None:
         if self.enabled:
-            self.csv.write(",".join(_csv_value(row.get(c)) for c in self.CSV_COLUMNS) + "\n")
+            self.csv.write(",".join(_csv_value(row.get(c)) for c in self.columns) + "\n")
             self.csv.flush()
 
     def close(self) -> None:

@@ -3,7 +3,7 @@
 
 import math
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
@@ -42,13 +42,11 @@ def param_groups(model: nn.Module, head: str, lr: float, weight_decay: float, he
             for (is_head, no_decay, k), params in sorted(groups.items())]
 
 
-def build_optimizer(cfg: DictConfig, model: nn.Module, head: str) -> Optimizer:
-    """instantiate(configs/optimizer/*) over param_groups(); `head_lr` and `layer_decay` are ours, not torch's,
-    so they are taken out."""
-    kwargs = OmegaConf.to_container(cfg, resolve=True)
-    head_lr, layer_decay = kwargs.pop("head_lr", None), kwargs.pop("layer_decay", None)
-    groups = param_groups(model, head, kwargs["lr"], kwargs.get("weight_decay", 0.0), head_lr, layer_decay)
-    return build(OmegaConf.create(kwargs), params=groups)
+def build_optimizer(cfg: DictConfig, groups: DictConfig, model: nn.Module, head: str) -> Optimizer:
+    """instantiate(configs/optimizer/*) over param_groups(): `groups` is sft-cli's own node (train.yaml's
+    param_groups: head_lr, layer_decay), kept apart from the torch.optim constructor's arguments."""
+    params = param_groups(model, head, cfg.lr, cfg.get("weight_decay", 0.0), groups.head_lr, groups.layer_decay)
+    return build(cfg, params=params)
 
 
 def _warmup_then(optimizer, warmup_steps: int, after) -> LambdaLR:

@@ -1,10 +1,13 @@
-"""sft-train: fine-tune a pretrained classifier as configured in configs/ (start at configs/train.yaml).
+"""sft-train's recipe and its one training loop, for every task (configs/task/: classification, ...).
 
-The recipe reads top to bottom: seed/device -> data -> model -> freeze -> loss/optimizer/scheduler ->
-resume -> epoch loop (train, validate, checkpoint) -> test of the best checkpoint -> summary.json.
-train_one_epoch() and evaluate() follow it in this file; there are no hooks or callbacks.
-Under torchrun every process runs this recipe on its shard of the data (see distributed.py); `ctx.is_main`
-marks what only rank 0 does: write files and print.
+The recipe, train(), reads top to bottom: checks -> seed/device -> data -> model -> freeze -> loss, optimizer,
+schedule -> resume -> epoch loop (train, validate, checkpoint) -> test of the best checkpoint -> summary.json.
+The loop below it (train_one_epoch, validate, evaluate, save_checkpoint, resume) exists once: accumulation,
+clipping, the grad scaler, schedule steps, metric windows read at log intervals, checkpoints within and at
+the end of epochs, bitwise resume and DDP. What differs between tasks (data, model, the loss of a batch, what
+is accumulated and reported) is asked of the task object (task.py says what it provides); there are no hooks.
+Under torchrun every process runs this recipe on its shard of the data (distributed.py); `ctx.is_main` marks
+what only rank 0 does: write files and print.
 """
 
 import contextlib
@@ -12,8 +15,8 @@ import json
 import logging
 import math
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -21,12 +24,59 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 from torch import nn
 from torch.optim.lr_scheduler import OneCycleLR, ReduceLROnPlateau
-from torch.utils.data import DataLoader
 
-from sft_cli import checkpoint, config, console, data, distributed, freeze, loss, metrics, models, optim, runtime
+from sft_cli import checkpoint, config, console, data, distributed, freeze, metrics, models, optim, runtime
 from sft_cli.errors import SFTError
+from sft_cli.task import Task
 
 log = logging.getLogger("sft_cli.train")
+
+
+@dataclass
+class TrainState:
+    """Where a run stands. Every checkpoint's state.pt holds these fields under their own names, and resume
+    restores them from there (to_checkpoint / from_checkpoint: the one place that lists them)."""
+
+    epoch: int = 0                 # epochs completed
+    step: int = 0                  # optimizer steps taken
+    batch: int = 0                 # batches of the current epoch trained (> 0: a checkpoint within an epoch)
+    best: float | None = None      # best value of trainer.monitor so far ...
+    best_epoch: int | None = None  # ... and the epoch that reached it
+    bad_validations: int = 0       # validations in a row without improvement (early stopping)
+    elapsed: float = 0.0           # seconds of training, over every resume
+
+    def to_checkpoint(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, blob: dict) -> "TrainState":
+        return cls(**{f.name: blob.get(f.name, f.default) for f in fields(cls)})
+
+
+@dataclass
+class Run:
+    """What every part of the loop reads and nothing in it changes (but `within_epoch`, used once)."""
+
+    cfg: DictConfig
+    run_dir: Path
+    task: Task
+    device: torch.device
+    ctx: distributed.Context
+    started: float = 0.0                   # time.perf_counter() at the start, less the elapsed time resumed
+    files: metrics.MetricsFiles | None = None
+    within_epoch: dict | None = None       # a checkpoint written within an epoch: where its batches resume
+
+
+@dataclass
+class Learner:
+    """What the loop updates."""
+
+    model: nn.Module
+    trained: nn.Module                     # what the forward pass calls: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    frozen: list[str]                      # the stages frozen in the current epoch
 
 
 def train(cfg: DictConfig, run_dir: Path) -> float:
@@ -37,20 +87,13 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         return distributed.launch(list(HydraConfig.get().overrides.task), run_dir, t.devices, t.device)
     ctx, device = distributed.init(t.device)
     run_dir = Path(distributed.broadcast_object(str(run_dir), ctx))  # the folder rank 0's Hydra made
-    if ctx.is_main and ((run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists()):
-        raise SFTError(f"{run_dir} already holds a run; it is left untouched. Choose another hydra.run.dir.")
-    if ctx.enabled and t.devices not in (1, ctx.world_size):
-        raise SFTError(f"trainer.devices={t.devices} but torchrun started {ctx.world_size} processes: "
-                       "leave trainer.devices at 1 under torchrun (its --nproc_per_node decides).")
-    if t.sync_batchnorm and ctx.enabled and device.type != "cuda":
-        raise SFTError("trainer.sync_batchnorm=true needs CUDA (torch's SyncBatchNorm runs on GPUs only): set "
-                       "trainer.sync_batchnorm=false on CPU.")
-    if t.batch_size % ctx.world_size:
-        raise SFTError(f"trainer.batch_size={t.batch_size} is the global batch and must divide evenly over "
-                       f"{ctx.world_size} processes: use a multiple of {ctx.world_size}.")
+    _check_processes(cfg, run_dir, ctx, device)
+    task = config.build(cfg.task)
+    config.check_monitor(cfg, task.metrics)
+    run = Run(cfg, run_dir, task, device, ctx, started=time.perf_counter())
     if ctx.is_main:
         console.print_config(cfg)
-    started = time.perf_counter()
+        checkpoint.clear_stale(run_dir / "checkpoints")  # left by a killed run in this folder
 
     # Seed and device (the model's initial weights are rank 0's: DDP broadcasts them when it wraps the model)
     runtime.seed_everything(cfg.seed, t.deterministic)
@@ -61,123 +104,80 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     for key in ("root", "train_file", "val_file", "test_file"):
         if cfg.dataset.get(key) is not None:
             cfg.dataset[key] = to_absolute_path(cfg.dataset[key])
-    log.info(f"dataset <{cfg.dataset._target_}>")
-    splits = config.build(cfg.dataset)
-    classes = splits.classes
+    log.info(f"task <{cfg.task._target_}>, dataset <{cfg.dataset._target_}>")
+    splits = task.data(cfg.dataset)
+    loading = data.LoaderOptions(device, t.num_workers, t.persistent_workers, cfg.seed, ctx)
     batch = t.batch_size // ctx.world_size  # per process; the global batch is what the config says
-    train_loader = data.make_loader(splits.train, batch, t.num_workers, device, shuffle=True, collate=splits.collate,
-                               group_lengths=splits.group_lengths, ctx=ctx, seed=cfg.seed,
-                               persistent_workers=t.persistent_workers)
     eval_batch = t.eval_batch_size or 2 * batch
-    val_loader = data.make_loader(splits.val, eval_batch, t.num_workers, device, shuffle=False, collate=splits.collate,
-                             ctx=ctx, persistent_workers=t.persistent_workers)
-    log.info(f"{len(classes)} classes; {len(splits.train)} train / {len(splits.val)} val / "
+    train_loader = data.make_loader(splits, "train", batch, loading)
+    val_loader = data.make_loader(splits, "val", eval_batch, loading)
+    log.info(f"{len(splits.train)} train / {len(splits.val)} val / "
              f"{len(splits.test) if splits.test is not None else 0} test examples")
 
     # Model and freezing: the policy says which stages train in each epoch
-    log.info(f"model <{cfg.model._target_}> {cfg.model.get('name', '')} (weights: {cfg.model.get('weights')})")
-    model = config.build(cfg.model, classes=classes)
-    if ctx.enabled and t.sync_batchnorm:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if t.channels_last or (t.channels_last is None and device.type == "cuda" and not isinstance(model, models.TextClassifier)):
-        model = model.to(memory_format=torch.channels_last)
-    head, stages = models.head_name(model), model.sft_stages
+    log.info(f"model <{cfg.model._target_}> {cfg.model.get('name', cfg.model.get('name_or_path', ''))} "
+             f"(weights: {cfg.model.get('weights')})")
+    model = _place(task.model(cfg.model), t, device, ctx)
     policy = config.build(cfg.freeze)
-
-    def frozen_at(epoch: int) -> list[str]:  # layers created from scratch (the new head, a new stem) always train
-        return [s for s in policy.frozen(stages, head, epoch) if s not in model.sft_new_stages]
-
-    frozen = frozen_at(0)
-    freeze.apply(model, stages, frozen)
-    counts = freeze.parameter_counts(model, stages)
+    frozen = _frozen_stages(policy, model, 0)
+    freeze.apply(model, model.sft_stages, frozen)
+    counts = freeze.parameter_counts(model, model.sft_stages)
     if ctx.is_main:
         console.print_stages(counts)
     if t.compile:
         model.compile()  # in place: training (through DDP too) and evaluation call the compiled forward
-    trained = distributed.wrap(model, device, ctx)  # what the forward pass calls: model, or its DDP wrapper
 
     # Loss, optimizer and lr schedule
-    criterion = loss.cross_entropy(cfg.loss, splits.train_targets, len(classes), device)
-    extra_loss = config.build(cfg.loss.extra, model=model) if cfg.loss.extra else None
-    optimizer = optim.build_optimizer(cfg.optimizer, model, head)
+    task.set_loss(cfg.loss, splits, model)
+    optimizer = optim.build_optimizer(cfg.optimizer, cfg.param_groups, model, models.head_name(model))
     steps_per_epoch = math.ceil(len(train_loader) / t.accumulate_grad_batches)
     total_steps = min(t.max_steps or math.inf, steps_per_epoch * t.max_epochs)  # what the schedule plans for
-    step_limit = t.max_steps or math.inf  # epochs bound the run otherwise (a resumed run may step differently)
     scheduler = config.build(cfg.scheduler, optimizer, num_training_steps=total_steps, steps_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "16-mixed")
+    learner = Learner(model, distributed.wrap(model, device, ctx), optimizer, scheduler, scaler, frozen)
 
     # Resume: weights, optimizer, schedule, RNG, counters and best metric from the checkpoint
-    state = SimpleNamespace(epoch=0, step=0, best=None, best_epoch=None, bad_validations=0, elapsed=0.0)
-    if cfg.resume:
-        state = resume(cfg, run_dir, classes, model, optimizer, scheduler, scaler, total_steps, ctx)
-    files = metrics.MetricsFiles(run_dir, enabled=ctx.is_main)
+    state = resume(run, learner, total_steps) if cfg.resume else TrainState()
+    run.started -= state.elapsed
+    run.files = metrics.MetricsFiles(run_dir, task.metrics, enabled=ctx.is_main)
 
     # The epoch loop
-    sign, patience = (1 if t.mode == "max" else -1), t.early_stopping_patience
+    step_limit = t.max_steps or math.inf  # epochs bound the run otherwise (a resumed run may step differently)
     for epoch in range(state.epoch, t.max_epochs):
-        if state.step >= step_limit or (patience and state.bad_validations >= patience):
+        if state.step >= step_limit or _out_of_patience(t, state):
             break  # max_steps reached or out of patience (also when resuming a run that had finished)
-        unfreezing = (now_frozen := frozen_at(epoch)) != frozen
-        if unfreezing:
-            log.info(f"epoch {epoch + 1}: unfreezing {sorted(set(frozen) - set(now_frozen))}")
-            frozen = now_frozen
-        freeze.apply(model, stages, frozen)
-        if unfreezing:
-            trained = distributed.wrap(model, device, ctx)  # DDP must see the new trainable parameters
+        _freeze_for_epoch(policy, learner, epoch, run)
         if ctx.enabled:  # each rank its own augmentations, reproducible per (seed, epoch, rank) when resumed
             torch.manual_seed(cfg.seed + 1_000_003 * epoch + ctx.rank)
         data.set_epoch(train_loader, epoch)
-        train_stats = train_one_epoch(trained, train_loader, criterion, extra_loss, optimizer, scheduler, scaler,
-                                      device, t, len(classes), state, epoch, step_limit, files, started, ctx)
-        state.epoch = epoch + 1
-        finished = state.epoch == t.max_epochs or state.step >= step_limit
+        train_stats = train_one_epoch(run, learner, train_loader, state)
+        state.epoch, state.batch = epoch + 1, 0
         row = {"epoch": state.epoch, "step": state.step, "lr": base_lr(optimizer),
                **{f"train_{k}": v for k, v in train_stats.items()}}
         improved = False
-        if state.epoch % t.val_every_n_epochs == 0 or finished:
-            val = evaluate(model, val_loader, criterion, device, t.precision, len(classes))
-            value = val[t.monitor.split("/")[1]]
-            if isinstance(scheduler, ReduceLROnPlateau):
-                scheduler.step(value)
-            improved = state.best is None or sign * (value - state.best) > 0
-            if improved:
-                state.best, state.best_epoch, state.bad_validations = value, state.epoch, 0
-            else:
-                state.bad_validations += 1
-            files.record({"epoch": state.epoch, "step": state.step, "split": "val",
-                          **{k: val[k] for k in ("loss", "accuracy", "macro_f1", "samples_per_s")},
-                          "lr": row["lr"], "elapsed": state.elapsed + time.perf_counter() - started})
-            row.update({f"val_{k}": val[k] for k in ("loss", "accuracy", "macro_f1")})
-            log.info(f"epoch {state.epoch}/{t.max_epochs}  train loss {train_stats['loss']:.4f} "
-                     f"acc {train_stats['accuracy']:.4f} | val loss {val['loss']:.4f} acc {val['accuracy']:.4f} "
-                     f"f1 {val['macro_f1']:.4f} | {train_stats['samples_per_s']:.0f} samples/s"
-                     f"{'  (best)' if improved else ''}")
-        row["elapsed"] = state.elapsed + time.perf_counter() - started
-        files.epoch_row(row)
+        if state.epoch % t.val_every_n_epochs == 0 or state.epoch == t.max_epochs or state.step >= step_limit:
+            improved = validate(run, learner, val_loader, state, row)
+        row["elapsed"] = time.perf_counter() - run.started
+        run.files.epoch_row(row)
         if ctx.is_main:
-            save_checkpoint(run_dir, ["last", "best"] if improved else ["last"], model, optimizer, scheduler,
-                            scaler, state, started, cfg, classes, row)
-    files.close()
-    stopped_early = bool(patience and state.bad_validations >= patience)
-    if stopped_early:
+            save_checkpoint(run, learner, state, ["last", "best"] if improved else ["last"], row)
+    run.files.close()
+    if _out_of_patience(t, state):
         log.info(f"early stopping: {t.monitor} has not improved for {state.bad_validations} validations")
 
-    # Test the best checkpoint on the held-out split
+    # Test the best checkpoint on the held-out split, then write the summary
     best_dir = run_dir / "checkpoints" / "best"
     if ctx.is_main:
         checkpoint.load_weights(best_dir, model)
     distributed.broadcast_module(model, ctx)
     test = None
     if splits.test is not None:
-        test_loader = data.make_loader(splits.test, eval_batch, t.num_workers, device, shuffle=False,
-                                  collate=splits.collate, ctx=ctx)
-        test = evaluate(model, test_loader, criterion, device, t.precision, len(classes))
-        test = {k: test[k] for k in ("loss", "accuracy", "macro_f1", "samples")}
-    summary = {"name": cfg.name, "status": "early_stopped" if stopped_early else "completed",
-               "monitor": t.monitor, "mode": t.mode, "best_value": state.best, "best_epoch": state.best_epoch,
-               "epochs": state.epoch, "steps": state.step, "test": test,
-               "wall_time_s": round(state.elapsed + time.perf_counter() - started, 2), "device": str(device),
+        test = evaluate(task, model, data.make_loader(splits, "test", eval_batch, loading), device, t.precision)
+        test = {k: test[k] for k in (*task.metrics, "samples")}
+    summary = {"name": cfg.name, "status": "early_stopped" if _out_of_patience(t, state) else "completed",
+               "monitor": t.monitor, "mode": config.mode_of(t), "best_value": state.best,
+               "best_epoch": state.best_epoch, "epochs": state.epoch, "steps": state.step, "test": test,
+               "wall_time_s": round(time.perf_counter() - run.started, 2), "device": str(device),
                "processes": ctx.world_size,
                "trainable_params": sum(r[1] for r in counts), "total_params": sum(r[2] for r in counts),
                "checkpoint": str(best_dir.absolute()), "run_dir": str(run_dir.absolute())}
@@ -190,59 +190,132 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     return float(state.best)
 
 
-def train_one_epoch(model, loader, criterion, extra_loss, optimizer, scheduler, scaler, device, t, num_classes,
-                    state, epoch, step_limit, files, started, ctx=distributed.Context()) -> dict:
-    """One pass over `loader`. Loss and confusion counts accumulate on the device and are read only every
-    trainer.log_every_n_steps optimizer steps, so the GPU never waits for the host in between.
-    `model` may be a DDP wrapper: it averages gradients over processes on the backward pass of the last
-    micro-batch of each optimizer step (no_sync() skips that on the others)."""
-    accumulate, per_step_schedule = t.accumulate_grad_batches, not isinstance(scheduler, ReduceLROnPlateau)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    window = _Window(num_classes, device)
-    epoch_totals = _Window(num_classes, device)
+def _check_processes(cfg: DictConfig, run_dir: Path, ctx: distributed.Context, device: torch.device) -> None:
+    """What can only be checked once the processes exist: the run folder and the DDP settings."""
+    t = cfg.trainer
+    if ctx.is_main and ((run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists()):
+        raise SFTError(f"{run_dir} already holds a run; it is left untouched. Choose another hydra.run.dir.")
+    if ctx.enabled and t.devices not in (1, ctx.world_size):
+        raise SFTError(f"trainer.devices={t.devices} but torchrun started {ctx.world_size} processes: "
+                       "leave trainer.devices at 1 under torchrun (its --nproc_per_node decides).")
+    if t.sync_batchnorm and ctx.enabled and device.type != "cuda":
+        raise SFTError("trainer.sync_batchnorm=true needs CUDA (torch's SyncBatchNorm runs on GPUs only): set "
+                       "trainer.sync_batchnorm=false on CPU.")
+    if t.batch_size % ctx.world_size:
+        raise SFTError(f"trainer.batch_size={t.batch_size} is the global batch and must divide evenly over "
+                       f"{ctx.world_size} processes: use a multiple of {ctx.world_size}.")
+
+
+def _place(model: nn.Module, t: DictConfig, device: torch.device, ctx: distributed.Context) -> nn.Module:
+    """The model on its device: SyncBatchNorm under DDP when asked, channels_last for convolutions on CUDA
+    (NHWC convolutions use tensor cores) unless trainer.channels_last says otherwise."""
+    if ctx.enabled and t.sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    has_convolutions = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if t.channels_last or (t.channels_last is None and device.type == "cuda" and has_convolutions):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _frozen_stages(policy, model: nn.Module, epoch: int) -> list[str]:
+    """The policy's frozen stages for `epoch`, less the layers created from scratch (a new head), which train."""
+    frozen = policy.frozen(model.sft_stages, models.head_name(model), epoch)
+    return [s for s in frozen if s not in model.sft_new_stages]
+
+
+def _freeze_for_epoch(policy, learner: Learner, epoch: int, run: Run) -> None:
+    """Set what trains in this epoch (and BatchNorm modes); rebuild the DDP wrapper when that changed."""
+    frozen = _frozen_stages(policy, learner.model, epoch)
+    freeze.apply(learner.model, learner.model.sft_stages, frozen)
+    if frozen != learner.frozen:
+        log.info(f"epoch {epoch + 1}: unfreezing {sorted(set(learner.frozen) - set(frozen))}")
+        learner.frozen = frozen
+        learner.trained = distributed.wrap(learner.model, run.device, run.ctx)  # DDP fixes its buckets when built
+
+
+def _out_of_patience(t: DictConfig, state: TrainState) -> bool:
+    return bool(t.early_stopping_patience and state.bad_validations >= t.early_stopping_patience)
+
+
+def train_one_epoch(run: Run, learner: Learner, loader, state: TrainState) -> dict:
+    """One pass over `loader` (the rest of it, after a checkpoint written within this epoch). The task's
+    windows accumulate on the device and are read only every trainer.log_every_n_steps optimizer steps, so the
+    GPU never waits for the host in between. `learner.trained` may be a DDP wrapper: it averages gradients
+    over processes on the backward pass of the last micro-batch of each step (no_sync() skips the others)."""
+    t, task, device, ctx = run.cfg.trainer, run.task, run.device, run.ctx
+    accumulate, every = t.accumulate_grad_batches, t.checkpoint_every_n_steps
+    trainable = [p for p in learner.model.parameters() if p.requires_grad]
+    window, epoch_totals = task.window(device), task.window(device)
+    batches, epoch_rng = _epoch_batches(run, loader, state, (window, epoch_totals))
     epoch_start = time.perf_counter()
     with console.progress_bar(t.progress_bar and ctx.is_main) as bar:
-        task = bar.add_task(f"epoch {epoch + 1}", total=len(loader), info="") if bar else None
-        for i, (inputs, targets) in enumerate(loader):
-            inputs, targets = data.to_device(inputs, device), targets.to(device, non_blocking=True)
+        bar_id = bar.add_task(f"epoch {state.epoch + 1}", total=len(loader), completed=state.batch, info="") \
+            if bar else None
+        for i, batch in enumerate(batches, start=state.batch):
+            batch = data.to_device(batch, device)
             stepping = (i + 1) % accumulate == 0 or i + 1 == len(loader)
-            with contextlib.nullcontext() if stepping or not ctx.enabled else model.no_sync():
+            with contextlib.nullcontext() if stepping or not ctx.enabled else learner.trained.no_sync():
                 with runtime.autocast(device, t.precision):
-                    logits = model(inputs)
-                    task_loss = criterion(logits, targets)
-                    total_loss = task_loss + extra_loss(model) if extra_loss else task_loss
+                    loss, record = task.loss(learner.trained, batch)
                 group = min(accumulate, len(loader) - i // accumulate * accumulate)  # the last group may be short
-                scaler.scale(total_loss / group).backward()
-            for w in (window, epoch_totals):
-                w.add(task_loss.detach(), _weight(criterion, targets), logits.detach(), targets)
+                learner.scaler.scale(loss / group).backward()
+            window.add(record)
+            epoch_totals.add(record)
             if not stepping:
                 continue  # accumulate more gradient before stepping
-            if t.gradient_clip_norm:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(trainable, t.gradient_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if per_step_schedule:
-                scheduler.step()
-            state.step += 1
+            _optimizer_step(learner, trainable, t.gradient_clip_norm)
+            state.step, state.batch = state.step + 1, i + 1
             if bar:
-                bar.advance(task, group)
+                bar.advance(bar_id, group)
             if state.step % t.log_every_n_steps == 0:
-                record = {"epoch": epoch + 1, "step": state.step, "split": "train", **window.read(),
-                          "lr": base_lr(optimizer), "elapsed": state.elapsed + time.perf_counter() - started}
-                _check_finite(record["loss"], state.step, optimizer)
-                files.record(record)
+                record = {"epoch": state.epoch + 1, "step": state.step, "split": "train", **window.read(),
+                          "lr": base_lr(learner.optimizer), "elapsed": time.perf_counter() - run.started}
+                _check_finite(record["loss"], state.step, learner.optimizer)
+                run.files.record(record)
                 if bar:
-                    bar.update(task, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                                          f"{record['samples_per_s']:.0f} samples/s")
-                window = _Window(num_classes, device)
-            if state.step >= step_limit:
+                    bar.update(bar_id, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                                            f"{record['samples_per_s']:.0f} samples/s")
+                window = task.window(device)
+            if state.step >= (t.max_steps or math.inf):
                 break
+            if every and state.step % every == 0 and i + 1 < len(loader) and ctx.is_main:
+                within = {"epoch_rng": epoch_rng, "windows": [w.state_dict() for w in (window, epoch_totals)]}
+                save_checkpoint(run, learner, state, ["last"], None, within)
     stats = epoch_totals.read()
     stats["samples_per_s"] = stats["samples"] / (time.perf_counter() - epoch_start)
-    _check_finite(stats["loss"], state.step, optimizer)
+    _check_finite(stats["loss"], state.step, learner.optimizer)
     return stats
+
+
+def _epoch_batches(run: Run, loader, state: TrainState, windows: tuple) -> tuple:
+    """The epoch's batch iterator and the RNG state it was drawn from. After a checkpoint written within this
+    epoch, the loader is drawn again from that epoch's RNG state (the same order and augmentations, also from
+    DataLoader workers, which are seeded from it), the batches trained before are skipped, and the RNG and the
+    windows continue from the checkpoint: the rest of the epoch is bitwise what it would have been."""
+    resumed, run.within_epoch = run.within_epoch, None
+    if resumed is not None:
+        runtime.set_rng_state(resumed["epoch_rng"])
+    epoch_rng = runtime.rng_state()
+    batches = iter(loader)
+    if resumed is not None:
+        for _ in range(min(state.batch, len(loader))):
+            next(batches)
+        runtime.set_rng_state(resumed["rng"])
+        for window, saved in zip(windows, resumed["windows"]):
+            window.load_state_dict(saved)
+    return batches, epoch_rng
+
+
+def _optimizer_step(learner: Learner, trainable: list[nn.Parameter], clip_norm: float | None) -> None:
+    if clip_norm:
+        learner.scaler.unscale_(learner.optimizer)
+        nn.utils.clip_grad_norm_(trainable, clip_norm)
+    learner.scaler.step(learner.optimizer)
+    learner.scaler.update()
+    learner.optimizer.zero_grad(set_to_none=True)
+    if not isinstance(learner.scheduler, ReduceLROnPlateau):  # plateau steps per validation, with the metric
+        learner.scheduler.step()
 
 
 def _check_finite(value: float, step: int, optimizer) -> None:
@@ -251,46 +324,44 @@ def _check_finite(value: float, step: int, optimizer) -> None:
                        "diverged. Lower optimizer.lr, or set trainer.gradient_clip_norm (e.g. 1.0).")
 
 
-class _Window:
-    """Running loss and confusion counts on the device; read() syncs once, sums over DDP processes, keeps
-    the summed confusion matrix in `.total` and its scores in `.scores`, and returns plain numbers."""
+def validate(run: Run, learner: Learner, loader, state: TrainState, row: dict) -> bool:
+    """Evaluate on the validation split, update the best value and the patience count, record the metrics
+    (metrics.jsonl, and the epoch's `row` for metrics.csv); return whether the monitored metric improved."""
+    t, names = run.cfg.trainer, run.task.metrics
+    val = evaluate(run.task, learner.model, loader, run.device, t.precision)
+    value = val[t.monitor.split("/", 1)[1]]
+    if isinstance(learner.scheduler, ReduceLROnPlateau):
+        learner.scheduler.step(value)
+    sign = 1 if config.mode_of(t) == "max" else -1
+    improved = state.best is None or sign * (value - state.best) > 0
+    if improved:
+        state.best, state.best_epoch, state.bad_validations = value, state.epoch, 0
+    else:
+        state.bad_validations += 1
+    run.files.record({"epoch": state.epoch, "step": state.step, "split": "val",
+                      **{k: val[k] for k in (*names, "samples_per_s")}, "lr": row["lr"],
+                      "elapsed": time.perf_counter() - run.started})
+    row.update({f"val_{k}": val[k] for k in names})
+    log.info(f"epoch {state.epoch}/{t.max_epochs}  train {_shown(row, 'train_', names)} | "
+             f"val {_shown(row, 'val_', names)} | {row['train_samples_per_s']:.0f} samples/s"
+             f"{'  (best)' if improved else ''}")
+    return improved
 
-    def __init__(self, num_classes: int, device: torch.device):
-        self.loss_sum = torch.zeros((), device=device)
-        self.weight_sum = 0.0  # a host float, or a device tensor once class weights are added
-        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
-        self.num_classes, self.device, self.start = num_classes, device, time.perf_counter()
 
-    def add(self, mean_loss: torch.Tensor, weight, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        self.loss_sum += mean_loss.float() * weight
-        self.weight_sum += weight
-        metrics.confusion(logits, targets, self.num_classes, out=self.confusion)
-
-    def read(self) -> dict:
-        weight_sum = torch.as_tensor(self.weight_sum, dtype=torch.float32, device=self.device)
-        loss_sum, weight_sum, self.total = distributed.all_reduce_sum(self.loss_sum, weight_sum, self.confusion)
-        self.scores = s = metrics.scores(self.total)
-        samples = int(self.total.sum())
-        return {"loss": (loss_sum / weight_sum.clamp(min=1e-12)).item(), "accuracy": s["accuracy"],
-                "macro_f1": s["macro_f1"], "samples": samples,
-                "samples_per_s": samples / (time.perf_counter() - self.start)}
+def _shown(row: dict, prefix: str, names: tuple[str, ...]) -> str:
+    return " ".join(f"{name} {row[prefix + name]:.4f}" for name in names)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, criterion, device: torch.device, precision: str,
-             num_classes: int) -> dict:
-    """Loss, accuracy, macro-F1, per-class scores and the confusion matrix of `model` over `loader`."""
+def evaluate(task: Task, model: nn.Module, loader, device: torch.device, precision: str) -> dict:
+    """The task's metrics of `model` over `loader`, with its details (per-class scores, confusion matrix)."""
     model.eval()
     start = time.perf_counter()
-    window = _Window(num_classes, device)
+    window = task.window(device)
     with torch.inference_mode(), runtime.autocast(device, precision):
-        for inputs, targets in loader:
-            inputs, targets = data.to_device(inputs, device), targets.to(device, non_blocking=True)
-            logits = model(inputs)
-            window.add(criterion(logits.float(), targets), _weight(criterion, targets), logits, targets)
+        for batch in loader:
+            window.add(task.loss(model, data.to_device(batch, device))[1])
     result = window.read()
-    result |= {**window.scores, "confusion": window.total.tolist(),
-               "samples_per_s": result["samples"] / (time.perf_counter() - start)}
-    return result
+    return result | window.details() | {"samples_per_s": result["samples"] / (time.perf_counter() - start)}
 
 
 def base_lr(optimizer) -> float:
@@ -299,45 +370,41 @@ def base_lr(optimizer) -> float:
     return group["lr"] / group.get("lr_scale", 1.0)
 
 
-def _weight(criterion: nn.CrossEntropyLoss, targets: torch.Tensor) -> float | torch.Tensor:
-    """What the batch's mean loss was divided by: its size (known on the host, so no copy to the GPU), or
-    with class weights the sum of its weights (a device tensor)."""
-    if criterion.weight is None:
-        return float(len(targets))
-    return criterion.weight[targets].sum()
+def save_checkpoint(run: Run, learner: Learner, state: TrainState, tags: list[str], row: dict | None,
+                    within_epoch: dict | None = None) -> None:
+    """checkpoints/step-N with `tags` pointed at it. Within an epoch (`within_epoch`: the epoch's RNG state and
+    the windows' sums) it also holds what resume needs to continue from the next batch."""
+    state.elapsed = time.perf_counter() - run.started
+    blob = {"optimizer": learner.optimizer.state_dict(), "scheduler": learner.scheduler.state_dict(),
+            "scaler": learner.scaler.state_dict(), "rng": runtime.rng_state(), **state.to_checkpoint(),
+            **(within_epoch or {})}
+    meta = {**run.task.info(), "epoch": state.epoch, "step": state.step, "batch": state.batch, "metrics": row,
+            "monitor": run.cfg.trainer.monitor, "best": state.best}
+    checkpoint.save(run.run_dir / "checkpoints", tags, learner.model, blob, run.cfg, meta)
 
 
-def save_checkpoint(run_dir, tags, model, optimizer, scheduler, scaler, state, started, cfg, classes, row) -> None:
-    elapsed = state.elapsed + time.perf_counter() - started
-    blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": runtime.rng_state(), "epoch": state.epoch, "step": state.step, "best": state.best,
-            "best_epoch": state.best_epoch, "bad_validations": state.bad_validations, "elapsed": elapsed}
-    meta = {"classes": classes, "epoch": state.epoch, "step": state.step, "metrics": row,
-            "monitor": cfg.trainer.monitor, "best": state.best}
-    checkpoint.save(run_dir / "checkpoints", tags, model, blob, cfg, meta)
-
-
-def resume(cfg: DictConfig, run_dir: Path, classes, model, optimizer, scheduler, scaler, total_steps: int,
-           ctx=distributed.Context()) -> SimpleNamespace:
+def resume(run: Run, learner: Learner, total_steps: int) -> TrainState:
     """Load a checkpoint's training state: weights, optimizer state (its lr, momentum and weight decay
-    included), schedule position, grad scaler, RNG, counters and best metric. Everything else (epochs,
-    schedule length, data, logging) follows the current config; the differences are listed in the log.
-    The source run's checkpoints and metric history are copied into the new run folder, never moved.
-    Under DDP every process reads the checkpoint (so it must be on storage they all see); the process count
-    may differ from the source run's, since checkpoints hold the unwrapped model and are saved at epoch ends."""
+    included), schedule position, grad scaler, RNG, counters and best metric, and for a checkpoint written
+    within an epoch where its batches continue. Everything else (epochs, schedule length, data, logging)
+    follows the current config; the differences are listed in the log. The source run's checkpoints and
+    metric history are copied into the new run folder, never moved. Under DDP every process reads the
+    checkpoint (so it must be on storage they all see); the process count may differ from the source run's."""
+    cfg = run.cfg
     ckpt = checkpoint.resolve(cfg.resume)
     meta = checkpoint.load_meta(ckpt)
-    if meta["classes"] != classes:
-        raise SFTError(f"resume={cfg.resume}: the checkpoint was trained on classes {meta['classes']}, "
-                       f"but the configured dataset has {classes}. Resume with the same dataset.")
+    for key, value in run.task.info().items():
+        if meta.get(key) != value:
+            raise SFTError(f"resume={cfg.resume}: the checkpoint was trained on {key} {meta.get(key)}, but the "
+                           f"configured data give {value}. Resume with the same dataset.")
     for line in config.differences(checkpoint.load_config(ckpt), cfg, ignore=("resume", "sweep")):
         log.warning(f"resume: {line} (the current value is used)")
-    checkpoint.load_weights(ckpt, model)
+    checkpoint.load_weights(ckpt, learner.model)
     blob = checkpoint.load_state(ckpt)
+    optimizer, scheduler = learner.optimizer, learner.scheduler
     if isinstance(scheduler, OneCycleLR) and blob["scheduler"].get("total_steps") != total_steps:
-        planned = blob["scheduler"].get("total_steps")
-        raise SFTError(f"resume={cfg.resume}: scheduler=onecycle was planned for {planned} "
-                       f"steps and cannot be stretched to {total_steps}: keep trainer.max_epochs/max_steps as they "
+        raise SFTError(f"resume={cfg.resume}: scheduler=onecycle was planned for {blob['scheduler'].get('total_steps')}"
+                       f" steps and cannot be stretched to {total_steps}: keep trainer.max_epochs/max_steps as they "
                        "were, or use a scheduler such as cosine, whose length follows the current config.")
     try:
         optimizer.load_state_dict(blob["optimizer"])
@@ -346,18 +413,16 @@ def resume(cfg: DictConfig, run_dir: Path, classes, model, optimizer, scheduler,
         raise SFTError(f"resume={cfg.resume}: its optimizer/scheduler state does not fit the configured "
                        f"optimizer={type(optimizer).__name__}, scheduler={type(scheduler).__name__} ({e}). "
                        "Resume with the optimizer and scheduler the run was started with.") from e
-    if scaler.is_enabled() and blob["scaler"]:  # empty when the run was saved without 16-mixed
-        scaler.load_state_dict(blob["scaler"])
+    if learner.scaler.is_enabled() and blob["scaler"]:  # empty when the run was saved without 16-mixed
+        learner.scaler.load_state_dict(blob["scaler"])
     runtime.set_rng_state(blob["rng"])
-    if ctx.is_main:
-        checkpoint.copy_history(ckpt, run_dir, blob["epoch"], blob["step"])
-    log.info(f"resumed from {ckpt.resolve()} at epoch {blob['epoch']}, step {blob['step']} "
-             f"(best {blob['best']} at epoch {blob['best_epoch']})")
-    return SimpleNamespace(**{k: blob[k] for k in ("epoch", "step", "best", "best_epoch", "bad_validations",
-                                                   "elapsed")})
-
-
-if __name__ == "__main__":  # python -m sft_cli.train ... (as torchrun launches it) is sft-train
-    from sft_cli.cli import train_main
-
-    train_main()
+    state = TrainState.from_checkpoint(blob)
+    if state.batch:
+        run.within_epoch = {key: blob[key] for key in ("epoch_rng", "rng", "windows")}
+    if run.ctx.is_main:
+        checkpoint.clear_stale(ckpt.resolve().parent)  # a killed save's temporary folder in the source run
+        checkpoint.copy_history(ckpt, run.run_dir, state.epoch, state.step)
+    log.info(f"resumed from {ckpt.resolve()} at epoch {state.epoch}, step {state.step}"
+             f"{f' (batch {state.batch} of epoch {state.epoch + 1})' if state.batch else ''} "
+             f"(best {state.best} at epoch {state.best_epoch})")
+    return state

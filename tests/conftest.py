@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,28 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def kill_within_an_epoch(args: list[str], cwd: Path, run_dir: str = "killed") -> dict:
+    """Start `sft-train args... hydra.run.dir=<run_dir>` and SIGKILL it as soon as checkpoints/last is a checkpoint
+    written within an epoch after the first (args must set trainer.checkpoint_every_n_steps); its meta.json."""
+    env = {**os.environ, **THREADS, "HTTPS_PROXY": "http://127.0.0.1:9", "TORCH_HOME": str(cwd / "torch_home"),
+           "SFT_CLI_CACHE": str(cwd / "sft_cache")}
+    proc = subprocess.Popen([str(BIN / "sft-train"), *args, f"hydra.run.dir={run_dir}"], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    meta, deadline = None, time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            meta = json.loads((cwd / run_dir / "checkpoints" / "last" / "meta.json").read_text())
+        except (OSError, ValueError):  # not written yet, or re-pointed while being read
+            meta = None
+        if meta and meta["batch"] > 0 and meta["epoch"] >= 1:
+            break
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert meta and meta["batch"] > 0, "the run finished (or failed) before a checkpoint within an epoch"
+    return meta
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ok, read_json, run_cli
+from conftest import kill_within_an_epoch, ok, read_json, run_cli
 from fixtures import sentiment_rows, write_tiny_bert
 
 
@@ -27,6 +27,24 @@ def text_run(tmp_path_factory) -> Path:
                "trainer.max_epochs=5", "trainer.batch_size=16", "trainer.progress_bar=false", "hydra.run.dir=run",
                cwd=cwd))
     return cwd
+
+
+def test_a_kill_within_an_epoch_resumes_text_training_bitwise(tmp_path: Path):
+    # dropout draws from the RNG between batches; group_by_length draws the batches from it
+    write_tiny_bert(tmp_path / "tiny-bert")
+    with open(tmp_path / "train.tsv", "w") as f:
+        f.write("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in sentiment_rows(300, seed=3)))
+    args = ["+experiment=text_classification", "dataset.train_file=train.tsv", "dataset.group_by_length=true",
+            f"model.name_or_path={tmp_path / 'tiny-bert'}", "optimizer.lr=1e-3", "trainer.max_epochs=2",
+            "trainer.batch_size=16", "trainer.progress_bar=false", "trainer.checkpoint_every_n_steps=2"]
+    kill_within_an_epoch(args, tmp_path)
+    ok(run_cli("sft-train", *args, "resume=killed", "hydra.run.dir=resumed", cwd=tmp_path))
+    ok(run_cli("sft-train", *args, "hydra.run.dir=straight", cwd=tmp_path))
+    resumed, straight = (load_file(tmp_path / run / "checkpoints" / "last" / "model.safetensors")
+                         for run in ("resumed", "straight"))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert read_json(tmp_path / "resumed" / "summary.json")["best_value"] == \
+        read_json(tmp_path / "straight" / "summary.json")["best_value"]
 
 
 def test_a_tiny_bert_learns_a_separable_labelling_with_string_labels(text_run: Path):

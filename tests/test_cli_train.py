@@ -1,17 +1,13 @@
 """sft-train and sft-eval as a user runs them: learning, artefacts, resume, sweeps, evaluation."""
 
 import csv
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torchvision import models
 
-from conftest import BIN, FAST, THREADS, ok, read_json, run_cli
+from conftest import FAST, kill_within_an_epoch, ok, read_json, run_cli
 from fixtures import write_cifar10, write_image_folder
 
 
@@ -65,37 +61,39 @@ def test_eval_reproduces_the_test_metrics_from_the_checkpoint_alone(quick_run: P
     assert not any(p.name == "eval.json" for p in quick_run.rglob("*"))  # never written into the run
 
 
-def test_resume_after_a_kill_ends_bitwise_equal_to_an_uninterrupted_run(quick_run: Path, tmp_path: Path):
-    args = [*FAST, "trainer.max_epochs=3"]
-    # quick_run is the uninterrupted run. Kill an identical one right after its first epoch's checkpoint.
-    # quick_run's thread count (THREADS): another float reduction order would differ in the last bit
-    env = {**os.environ, **THREADS, "HTTPS_PROXY": "http://127.0.0.1:9", "TORCH_HOME": str(tmp_path / "torch")}
-    proc = subprocess.Popen([str(BIN / "sft-train"), *args, "hydra.run.dir=killed"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    last = tmp_path / "killed" / "checkpoints" / "last"
-    deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = read_json(last / "meta.json")["epoch"]
-    assert killed_at < 3, "the run finished before it could be killed"
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = (load_file(run / "checkpoints" / "last" / "model.safetensors") for run in (a, b))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
+
+def metric_rows(run: Path) -> list[dict]:
+    with open(run / "metrics.csv") as f:
+        return [{k: v for k, v in r.items() if k not in ("elapsed", "train_samples_per_s")} for r in csv.DictReader(f)]
+
+
+def test_a_kill_in_the_middle_of_an_epoch_resumes_bitwise_equal_to_an_uninterrupted_run(quick_run: Path,
+                                                                                         tmp_path: Path):
+    # quick_run is the uninterrupted run (checkpoints within epochs change nothing it computes). An identical run
+    # writing checkpoints/last every 3 steps is killed within its second or third epoch, then resumed.
+    args = [*FAST, "trainer.max_epochs=3", "trainer.checkpoint_every_n_steps=3"]
+    killed = kill_within_an_epoch(args, tmp_path)
     ok(run_cli("sft-train", *args, "resume=killed", "hydra.run.dir=resumed", cwd=tmp_path))
-    resumed = load_file(tmp_path / "resumed" / "checkpoints" / "last" / "model.safetensors")
-    straight = load_file(quick_run / "checkpoints" / "last" / "model.safetensors")
-    assert resumed.keys() == straight.keys()
-    assert all(torch.equal(resumed[k], straight[k]) for k in straight), "weights differ after resume"
-
-    def metric_rows(run: Path) -> list[dict]:
-        with open(run / "metrics.csv") as f:
-            return [{k: v for k, v in r.items() if k not in ("elapsed", "train_samples_per_s")}
-                    for r in csv.DictReader(f)]
-
-    assert metric_rows(tmp_path / "resumed") == metric_rows(quick_run)
+    assert f"batch {killed['batch']} of epoch {killed['epoch'] + 1}" in (tmp_path / "resumed" / "train.log").read_text()
+    assert same_weights(tmp_path / "resumed", quick_run), "weights differ after resume"
+    assert metric_rows(tmp_path / "resumed") == metric_rows(quick_run)  # the resumed epoch's train sums included
     a, b = read_json(tmp_path / "resumed" / "summary.json"), read_json(quick_run / "summary.json")
     assert (a["best_value"], a["best_epoch"], a["test"]) == (b["best_value"], b["best_epoch"], b["test"])
     assert (tmp_path / "killed" / "checkpoints" / "last" / "model.safetensors").is_file()  # source untouched
+
+
+def test_a_kill_within_an_epoch_resumes_bitwise_on_the_dataloader_path_with_a_worker(tmp_path: Path):
+    # torchvision's per-sample transforms in a DataLoader worker process, seeded from the checkpointed RNG
+    args = [*FAST, "dataset.pipeline=torchvision", "trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=3"]
+    kill_within_an_epoch(args, tmp_path)
+    ok(run_cli("sft-train", *args, "resume=killed", "hydra.run.dir=resumed", cwd=tmp_path))
+    ok(run_cli("sft-train", *args, "hydra.run.dir=straight", cwd=tmp_path))
+    assert same_weights(tmp_path / "resumed", tmp_path / "straight")
+    assert metric_rows(tmp_path / "resumed") == metric_rows(tmp_path / "straight")
 
 
 def test_accumulation_clipping_and_max_steps(tmp_path: Path):

@@ -13,8 +13,7 @@ from sft_cli import config
 from sft_cli.errors import SFTError
 
 CONFIGS = Path(config.find_config_dir())
-GROUPS = ["dataset", "model", "freeze", "optimizer", "scheduler", "loss"]
-OURS = {"head_lr", "layer_decay"}  # sft-cli keys inside a `_target_` node that the recipe takes out before building
+GROUPS = ["task", "dataset", "model", "freeze", "optimizer", "scheduler", "loss"]
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
@@ -38,7 +37,7 @@ def check_binds(cfg: DictConfig) -> int:
     for path, node in nodes:
         target = _locate(node._target_)
         values = OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
-        kwargs = {k: v for k, v in values.items() if not k.startswith("_") and k not in OURS}
+        kwargs = {k: v for k, v in values.items() if not k.startswith("_")}  # every key goes to its target
         try:
             inspect.signature(target).bind_partial(**kwargs)
         except TypeError as e:
@@ -55,7 +54,7 @@ def test_every_group_option_composes_and_binds(group, option):
     text = (group == "dataset" and option in ("text_files", "glue_sst2")) or (group == "model" and "bert" in option)
     pair = ["model=bert_base_uncased", "dataset=text_files"] if text else []  # text data needs a text model
     cfg = compose_train(pair + [f"{group}={option}"])
-    assert check_binds(cfg) >= 5  # dataset, model, freeze, optimizer, scheduler at least
+    assert check_binds(cfg) >= 7  # task, dataset, model, freeze, optimizer, scheduler, loss at least
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -90,3 +89,15 @@ def test_eval_config_composes_over_a_checkpoint_config():
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         cfg = compose("eval", overrides=["checkpoint=somewhere", "split=val", "dataset.val_size=0.2"])
     assert cfg.checkpoint == "somewhere" and cfg.dataset.val_size == 0.2 and cfg.model.name == "resnet18"
+
+
+def test_the_trainer_schema_holds_types_and_the_yaml_every_value():
+    from dataclasses import MISSING as NO_DEFAULT, fields
+
+    schema = {f.name: f.default for f in fields(config.TrainerSchema)}
+    assert all(default == "???" for default in schema.values()) and NO_DEFAULT not in schema.values()
+    assert set(OmegaConf.load(CONFIGS / "trainer" / "default.yaml")) - {"defaults"} == set(schema)
+    trainer = compose_train(["+experiment=quickstart"]).trainer
+    assert trainer.checkpoint_every_n_steps is None and trainer.mode is None and not OmegaConf.missing_keys(trainer)
+    with pytest.raises(Exception, match="trainer.checkpoint_every_n_steps"):
+        compose_train(["trainer.checkpoint_every_n_steps=often"])  # typed: an int or null

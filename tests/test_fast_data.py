@@ -215,6 +215,7 @@ def test_a_digits_config_saved_before_dataset_pipeline_existed_still_builds():
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
 
+@pytest.mark.slow  # a minute of benchmark windows: the default suite stays under 5 minutes
 def test_the_benchmark_reports_every_figure(tmp_path, capsys):
     # in this process (torch is already imported), with the arguments a user would type
     spec = importlib.util.spec_from_file_location("bench", BENCH)

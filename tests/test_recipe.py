@@ -1,12 +1,12 @@
 """train_one_epoch's arithmetic on a tiny model: gradient accumulation and the fp16 grad scaler."""
 
-from types import SimpleNamespace
-
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from sft_cli import optim
-from sft_cli.train import train_one_epoch
+from sft_cli import distributed, loss, optim
+from sft_cli.classification import Classification
+from sft_cli.train import Learner, Run, TrainState, train_one_epoch
 
 
 class Records:
@@ -21,12 +21,16 @@ def run_epoch(model, batches, accumulate, precision="32", clip=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = optim.constant(optimizer, num_training_steps=100, steps_per_epoch=10)
     scaler = torch.amp.GradScaler("cpu", enabled=precision == "16-mixed")
-    t = SimpleNamespace(accumulate_grad_batches=accumulate, gradient_clip_norm=clip, log_every_n_steps=1,
-                        precision=precision, progress_bar=False)
-    state, records = SimpleNamespace(step=0, elapsed=0.0), Records()
-    stats = train_one_epoch(model, batches, nn.CrossEntropyLoss(), None, optimizer, scheduler, scaler,
-                            torch.device("cpu"), t, 3, state, 0, 100, records, 0.0)
-    return state, records, stats, scaler
+    trainer = {"accumulate_grad_batches": accumulate, "gradient_clip_norm": clip, "log_every_n_steps": 1,
+               "precision": precision, "progress_bar": False, "max_steps": None, "checkpoint_every_n_steps": None}
+    task = Classification()
+    task.classes = ["a", "b", "c"]
+    task.criterion = loss.CrossEntropy(label_smoothing=0.0, class_weights=None, extra=None, train_targets=[0, 1, 2],
+                                       num_classes=3, model=model)
+    run = Run(OmegaConf.create({"trainer": trainer}), None, task, torch.device("cpu"), distributed.Context())
+    run.files, state = Records(), TrainState()
+    stats = train_one_epoch(run, Learner(model, model, optimizer, scheduler, scaler, []), batches, state)
+    return state, run.files, stats, scaler
 
 
 def test_a_short_last_accumulation_group_is_averaged_over_its_own_batches():

@@ -23,10 +23,10 @@ def sgd(lrs=(1.0,)):
     return torch.optim.SGD([{"params": layer.parameters(), "lr": lr} for layer, lr in zip(layers, lrs)], lr=lrs[0])
 
 
-def scheduler(name, optimizer, total, steps_per_epoch, mode="max", **overrides):
-    """config.build(configs/scheduler/<name>.yaml, ...) as train.py calls it, inside a config with trainer.mode."""
+def scheduler(name, optimizer, total, steps_per_epoch, mode="max", monitor="val/accuracy", **overrides):
+    """config.build(configs/scheduler/<name>.yaml, ...) as train.py calls it, inside a config with a trainer."""
     node = OmegaConf.merge(OmegaConf.load(CONFIGS / "scheduler" / f"{name}.yaml"), overrides)
-    root = OmegaConf.create({"trainer": {"mode": mode}, "scheduler": node})
+    root = OmegaConf.create({"trainer": {"mode": mode, "monitor": monitor}, "scheduler": node})
     return config.build(root.scheduler, optimizer, num_training_steps=total, steps_per_epoch=steps_per_epoch)
 
 
@@ -147,6 +147,14 @@ def test_plateau_mode_follows_trainer_mode():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
 
 
+def test_plateau_mode_follows_the_monitored_metric_when_trainer_mode_is_null():
+    opt = sgd()
+    sched = scheduler("plateau", opt, 100, 10, mode=None, monitor="val/loss", patience=0)
+    sched.step(1.0)
+    sched.step(0.5)  # val/loss is minimised: lower is an improvement
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
+
+
 def _round_trip(blob):
     """torch.save + torch.load(weights_only=True), as checkpoint.save/load_state do."""
     buffer = io.BytesIO()
@@ -227,10 +235,11 @@ def test_param_groups_hold_every_parameter_exactly_once_including_frozen_ones():
     assert "fc.weight" in decay and "bn1.weight" not in decay and "fc.bias" not in decay
 
 
-def test_build_optimizer_from_the_sgd_yaml_takes_head_lr_out_of_torchs_kwargs():
-    cfg = OmegaConf.merge(OmegaConf.load(CONFIGS / "optimizer" / "sgd.yaml"), {"head_lr": 0.1})
+def test_build_optimizer_from_the_sgd_yaml_gives_the_head_param_groups_head_lr():
+    cfg = OmegaConf.load(CONFIGS / "optimizer" / "sgd.yaml")
+    groups = OmegaConf.create({"head_lr": 0.1, "layer_decay": None})  # train.yaml's param_groups node
     model = tiny_convnet()
-    opt = optim.build_optimizer(cfg, model, "6")
+    opt = optim.build_optimizer(cfg, groups, model, "6")
     assert isinstance(opt, torch.optim.SGD)
     assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9 and "head_lr" not in opt.defaults
     lrs = {g["name"]: (g["lr"], g["weight_decay"]) for g in opt.param_groups}

@@ -1,0 +1,59 @@
+"""The classification task (configs/task/classification.yaml): images or texts in, one of N classes out.
+
+Data come from a dataset builder (data.py for images, text_data.py for labelled texts), the model from a
+classifier builder with a new head for the data's classes (models.py), the loss from configs/loss/.
+It reports loss, accuracy and macro-F1 from a confusion matrix accumulated on the device.
+"""
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from sft_cli import config
+from sft_cli.data import Splits
+from sft_cli.metrics import ConfusionWindow
+
+
+class Classification:
+    """Cross-entropy on a classifier's logits; the class names are what a checkpoint needs besides its config."""
+
+    metrics = ("loss", "accuracy", "macro_f1")
+
+    def __init__(self):
+        self.classes: list[str] | None = None
+        self.criterion = None
+
+    def data(self, dataset: DictConfig) -> Splits:
+        splits = config.build(dataset)
+        self.classes = splits.classes
+        return splits
+
+    def info(self) -> dict:
+        return {"classes": self.classes}
+
+    def set_info(self, info: dict) -> None:
+        self.classes = info["classes"]
+
+    def model(self, model: DictConfig, pretrained: bool = True) -> nn.Module:
+        return config.build(model, classes=self.classes, **({} if pretrained else {"weights": None}))
+
+    def set_loss(self, loss: DictConfig, splits: Splits, model: nn.Module) -> None:
+        self.criterion = config.build(loss, train_targets=splits.train_targets, num_classes=len(self.classes),
+                                      model=model)
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, tuple]:
+        inputs, targets = batch
+        logits = model(inputs)
+        loss = self.criterion(logits, targets)
+        record = (loss.detach(), self.criterion.batch_weight(targets), logits.detach(), targets)
+        if model.training and self.criterion.extra is not None:
+            loss = loss + self.criterion.extra()
+        return loss, record
+
+    def window(self, device: torch.device) -> ConfusionWindow:
+        return ConfusionWindow(len(self.classes), device)
+
+    def predict(self, cfg: DictConfig, out_dir) -> list[dict]:
+        from sft_cli.predict import predict  # PIL and the text readers: only sft-predict needs them
+
+        return predict(cfg, out_dir)

@@ -1,0 +1,68 @@
+"""What a task is: the seam between the one training loop (train.py) and what differs between kinds of
+fine-tuning. A task is one module plus a YAML in configs/task/ whose `_target_` is its class; the recipe
+builds it with `task = config.build(cfg.task)` and calls only what `Task` lists below. Nothing in the loop
+asks which task it runs.
+
+The model a task builds is an nn.Module with these attributes, set by its builder (models.py):
+
+    sft_stages       [(stage name, [submodule or parameter names])], bottom to top: what freeze policies
+                     (freeze.py), layer-wise lr decay (optim.py) and the parameter table act on; every
+                     trainable parameter belongs to exactly one stage (freeze.stage_names builds them).
+    sft_new_stages   names of the stages the builder created from scratch (a new head, a new stem): never
+                     frozen, never pulled towards pretrained values (loss.L2SP).
+    sft_top_stages   optional: the stages at depth 0 for layer_decay (default: the last stage).
+    save_extras(dir) optional: writes what rebuilds the model without its source (a transformers config
+                     and tokenizer in dir/hf); checkpoints call it.
+"""
+
+from typing import Any, Protocol
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from sft_cli.data import Splits
+
+
+class Window(Protocol):
+    """Metrics accumulated on the device between two reads, so the training step never waits for the host."""
+
+    def add(self, record: Any) -> None: ...
+
+    def read(self) -> dict:
+        """Every metric in Task.metrics plus `samples` and `samples_per_s`, as plain numbers (syncs once)."""
+
+    def details(self) -> dict:
+        """After read(): what an evaluation reports beyond the scalars (per-class scores, a confusion matrix)."""
+
+    def state_dict(self) -> dict: ...  # saved in a checkpoint written within an epoch
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Task(Protocol):
+    metrics: tuple[str, ...]  # what read() reports; trainer.monitor is val/<one of these>
+
+    def data(self, dataset: DictConfig) -> Splits:
+        """The train/val/test splits and their batching (Splits.collate, Splits.group_lengths)."""
+
+    def info(self) -> dict:
+        """What rebuilding the model needs beyond the config (classifiers: the class names, from data());
+        saved in every checkpoint's meta.json, compared on resume, and passed back through set_info()."""
+
+    def set_info(self, info: dict) -> None: ...
+
+    def model(self, model: DictConfig, pretrained: bool = True) -> nn.Module:
+        """The model for info(); pretrained=False builds the architecture alone (a checkpoint is loaded next)."""
+
+    def set_loss(self, loss: DictConfig, splits: Splits, model: nn.Module) -> None:
+        """Build configs/loss/* for this run's data and model (class weights, L2-SP anchors)."""
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, Any]:
+        """The loss to minimise for one batch (on the device), and the record the window adds. In eval mode
+        (model.training False) only the record matters: extra terms such as L2-SP are left out."""
+
+    def window(self, device: torch.device) -> Window: ...
+
+    def predict(self, cfg: DictConfig, out_dir) -> list[dict]:
+        """sft-predict for a checkpoint of this task."""
