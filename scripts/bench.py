@@ -247,7 +247,7 @@ def naive_vision_loop(cfg, args, device) -> dict:
     from torchvision import datasets
 
     cifar = data._skip_checksums(datasets.CIFAR10)  # the synthetic files' md5s are not the official ones
-    train_set = cifar(cfg.dataset.root, train=True, transform=data.image_transforms(True, **cfg.dataset.transforms))
+    train_set = cifar(cfg.dataset.root, train=True, transform=data.image_transforms(True, cfg.dataset.transforms))
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
     step = model_and_step(cfg, train_set.classes, device)

@@ -19,6 +19,7 @@ from sft_cli.fast_data import TensorImages
 
 log = logging.getLogger(__name__)
 TRAIN_CROPS = ("pad", "resized", "none")
+TRANSFORM_KEYS = ("image_size", "train_crop", "crop_padding", "hflip", "eval_resize", "mean", "std")
 PIPELINES = ("auto", "fast", "torchvision")
 
 
@@ -107,21 +108,25 @@ class DropSkipped:
         return default_collate(kept)
 
 
-def image_transforms(train: bool, image_size: int, train_crop: str, crop_padding: int, hflip: bool,
-                     eval_resize: int, mean: list[float], std: list[float]) -> v2.Compose:
-    """PIL or tensor image -> normalised float RGB tensor; augmentation only when `train`."""
-    if train_crop not in TRAIN_CROPS:
-        raise SFTError(not_one_of("dataset.transforms.train_crop", train_crop, TRAIN_CROPS))
+def image_transforms(train: bool, transforms: dict) -> v2.Compose:
+    """PIL or tensor image -> normalised float RGB tensor; augmentation only when `train`. `transforms` is
+    dataset.transforms, with exactly the keys TRANSFORM_KEYS."""
+    if sorted(transforms) != sorted(TRANSFORM_KEYS):
+        raise SFTError(f"dataset.transforms has the keys {', '.join(sorted(transforms))}; it needs exactly: "
+                       f"{', '.join(TRANSFORM_KEYS)}")
+    size, crop = transforms["image_size"], transforms["train_crop"]
+    if crop not in TRAIN_CROPS:
+        raise SFTError(not_one_of("dataset.transforms.train_crop", crop, TRAIN_CROPS))
     steps = [v2.ToImage(), v2.RGB()]  # grayscale sets (MNIST, digits) become 3-channel for RGB backbones
-    if train and train_crop == "resized":
-        steps.append(v2.RandomResizedCrop(image_size, antialias=True))
-    elif train and train_crop == "pad":
-        steps += [v2.Resize(image_size, antialias=True), v2.RandomCrop(image_size, padding=crop_padding)]
+    if train and crop == "resized":
+        steps.append(v2.RandomResizedCrop(size, antialias=True))
+    elif train and crop == "pad":
+        steps += [v2.Resize(size, antialias=True), v2.RandomCrop(size, padding=transforms["crop_padding"])]
     else:
-        steps += [v2.Resize(eval_resize, antialias=True), v2.CenterCrop(image_size)]
-    if train and hflip:
+        steps += [v2.Resize(transforms["eval_resize"], antialias=True), v2.CenterCrop(size)]
+    if train and transforms["hflip"]:
         steps.append(v2.RandomHorizontalFlip())
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(transforms["mean"], transforms["std"])]
     return v2.Compose(steps)
 
 
@@ -194,31 +199,41 @@ def _fast(pipeline: str, transforms: dict, bases: list) -> bool:
     return reason is None
 
 
-def _split(base, indices: list[int], train: bool, transforms: dict, fast: bool, skip_bad: bool = False) -> Dataset:
+@dataclass(frozen=True)
+class SplitSettings:
+    """The dataset.* keys every image builder passes on to _make_splits."""
+
+    val_size: float | int  # held out of train for validation, when the data has no val split
+    split_seed: int
+    transforms: dict  # dataset.transforms
+    pipeline: str = "auto"  # dataset.pipeline: auto, fast or torchvision
+    skip_bad: bool = False  # dataset.skip_bad_images (image folders)
+
+
+def _split(base, indices: list[int], train: bool, settings: SplitSettings, fast: bool) -> Dataset:
     """The items `indices` of `base` with the train or eval transforms of the chosen pipeline."""
     if not fast:
-        return Transformed(base, indices, image_transforms(train, **transforms), skip_bad)
+        return Transformed(base, indices, image_transforms(train, settings.transforms), settings.skip_bad)
     rows = torch.tensor(indices, dtype=torch.long)
     targets = torch.as_tensor(base.targets, dtype=torch.long)[rows]
-    return TensorImages(_pixels(base)[rows], targets, train, indices=indices, **transforms)
+    return TensorImages(_pixels(base)[rows], targets, train, settings.transforms, indices=indices)
 
 
-def _make_splits(train_base, test_base, classes, val_size, split_seed, transforms, val_base=None,
-                 pipeline: str = "auto", skip_bad: bool = False) -> Splits:
+def _make_splits(train_base, test_base, classes, settings: SplitSettings, val_base=None) -> Splits:
+    """Train/val/test from the base datasets; without `val_base`, validation is carved from `train_base`."""
     targets = [int(t) for t in train_base.targets]
-    image_transforms(True, **transforms)  # checks train_crop whichever pipeline runs
-    fast = _fast(pipeline, transforms, [train_base, val_base, test_base])
+    image_transforms(True, settings.transforms)  # checks the transforms whichever pipeline runs
+    fast = _fast(settings.pipeline, settings.transforms, [train_base, val_base, test_base])
     log.info(f"input pipeline: {'fast (batched tensor ops on the device)' if fast else 'torchvision (per sample)'}")
     if val_base is None:
-        train_idx, val_idx = stratified_split(targets, val_size, split_seed)
-        val = _split(train_base, val_idx, False, transforms, fast, skip_bad)
+        train_idx, val_idx = stratified_split(targets, settings.val_size, settings.split_seed)
+        val = _split(train_base, val_idx, False, settings, fast)
     else:
         train_idx = list(range(len(targets)))
-        val = _split(val_base, list(range(len(val_base))), False, transforms, fast, skip_bad)
-    test = None if test_base is None else \
-        _split(test_base, list(range(len(test_base))), False, transforms, fast, skip_bad)
-    return Splits(_split(train_base, train_idx, True, transforms, fast, skip_bad), val, test, list(classes),
-                  [targets[i] for i in train_idx], collate=DropSkipped() if skip_bad else None)
+        val = _split(val_base, list(range(len(val_base))), False, settings, fast)
+    test = None if test_base is None else _split(test_base, list(range(len(test_base))), False, settings, fast)
+    return Splits(_split(train_base, train_idx, True, settings, fast), val, test, list(classes),
+                  [targets[i] for i in train_idx], collate=DropSkipped() if settings.skip_bad else None)
 
 
 def _skip_checksums(cls):
@@ -252,7 +267,7 @@ def torchvision_dataset(name: str, root: str, download: bool, verify: bool, val_
         raise SFTError(f"could not load {name} from dataset.root={root} ({type(e).__name__}: {e}). "
                        f"Put the official files in {folder} (or point dataset.root at the folder that holds "
                        f"them), or run once with network access and dataset.download=true.{hint}") from e
-    return _make_splits(train, test, train.classes, val_size, split_seed, transforms, pipeline=pipeline)
+    return _make_splits(train, test, train.classes, SplitSettings(val_size, split_seed, transforms, pipeline))
 
 
 def _image_folder(path: Path, key: str) -> datasets.ImageFolder:
@@ -278,18 +293,17 @@ def image_folder(root: str, val_size: float | int, split_seed: int, transforms: 
     path = Path(to_absolute_path(root))
     if not path.is_dir():
         raise SFTError(f"dataset.root={path} is not a directory. Point it at a folder of class subfolders.")
+    settings = SplitSettings(val_size, split_seed, transforms, pipeline, skip_bad_images)
     if not (path / "train").is_dir():
         base = _two_classes(_image_folder(path, "dataset.root"), path)
-        return _make_splits(base, None, base.classes, val_size, split_seed, transforms, pipeline=pipeline,
-                            skip_bad=skip_bad_images)
+        return _make_splits(base, None, base.classes, settings)
     train = _two_classes(_image_folder(path / "train", "dataset.root"), path / "train")
     parts = {split: _image_folder(path / split, "dataset.root") for split in ("val", "test") if (path / split).is_dir()}
     for split, part in parts.items():
         if part.classes != train.classes:
             raise SFTError(f"{path / split} has classes {part.classes} but {path / 'train'} has {train.classes}: "
                            "every split needs the same class subfolders.")
-    return _make_splits(train, parts.get("test"), train.classes, val_size, split_seed, transforms,
-                        val_base=parts.get("val"), pipeline=pipeline, skip_bad=skip_bad_images)
+    return _make_splits(train, parts.get("test"), train.classes, settings, val_base=parts.get("val"))
 
 
 def _two_classes(base: datasets.ImageFolder, path: Path) -> datasets.ImageFolder:
@@ -324,8 +338,9 @@ def sklearn_digits(val_size: float, test_size: float, split_seed: int, transform
     rest, test_idx = stratified_split(targets, test_size, split_seed)
     base = InMemoryImages(images, targets)
     pool = InMemoryImages(images[rest], [targets[i] for i in rest])
-    splits = _make_splits(pool, None, [str(c) for c in range(10)], val_size, split_seed, transforms, pipeline=pipeline)
-    splits.test = _split(base, test_idx, False, transforms, fast=isinstance(splits.train, TensorImages))
+    settings = SplitSettings(val_size, split_seed, transforms, pipeline)
+    splits = _make_splits(pool, None, [str(c) for c in range(10)], settings)
+    splits.test = _split(base, test_idx, False, settings, fast=isinstance(splits.train, TensorImages))
     return splits
 
 
@@ -347,8 +362,7 @@ def make_loader(splits: Splits, split: str, batch_size: int, options: LoaderOpti
     shards are not, so every example counts exactly once."""
     dataset, shuffle, ctx = getattr(splits, split), split == "train", options.ctx
     if hasattr(dataset, "loader"):
-        return dataset.loader(batch_size, shuffle=shuffle, device=options.device, rank=ctx.rank,
-                              world_size=ctx.world_size, seed=options.seed)
+        return dataset.loader(batch_size, shuffle=shuffle, device=options.device, ctx=ctx, seed=options.seed)
     # A last train batch of one sample would make BatchNorm fail, so it is dropped in that case only.
     # Workers are not persistent by default: fresh ones draw their seeds from the torch RNG each epoch, which
     # the checkpoint holds, so a resumed run sees the same augmentations as an uninterrupted one.

@@ -14,6 +14,7 @@ import torch
 from torch.nn import functional as nnf
 from torchvision.transforms.v2 import functional as tvf
 
+from sft_cli.distributed import Context
 from sft_cli.errors import SFTError
 
 # A resized copy up to this size is made once, at construction; a larger one (CIFAR at 224x224 is 7.5 GB)
@@ -23,15 +24,16 @@ RESIZE_ONCE_BYTES = 2 * 1024**3
 
 class TensorImages:
     """One split: uint8 images (N, C, H, W) with C = 1 (grayscale) or 3, their labels, and the split's
-    transforms. `train=True` marks the training split, which loader() augments when it shuffles.
-    `indices` records which items of the source dataset these are.
+    transforms (dataset.transforms, as sft_cli.data.image_transforms takes them). `train=True` marks the
+    training split, which loader() augments when it shuffles. `indices` records which items of the source
+    dataset these are.
 
     Indexing gives what evaluation sees: (normalised float (3, S, S), label), with no augmentation.
     Grayscale becomes 3 identical channels, as torchvision's RGB() makes them."""
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, train: bool, image_size: int, train_crop: str,
-                 crop_padding: int, hflip: bool, eval_resize: int, mean: list[float], std: list[float],
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, train: bool, transforms: dict,
                  indices: list[int] | None = None):
+        image_size, train_crop, crop_padding = (transforms[k] for k in ("image_size", "train_crop", "crop_padding"))
         if train_crop not in ("pad", "none"):
             raise SFTError(f"dataset.transforms.train_crop={train_crop!r}: the fast pipeline does pad or none only; "
                            "use dataset.pipeline=torchvision for it")
@@ -40,13 +42,13 @@ class TensorImages:
             raise SFTError(f"the fast pipeline needs square uint8 images (N, 1|3, H, H), not {tuple(images.shape)} "
                            f"{images.dtype}: use dataset.pipeline=torchvision")
         self.train, self.size = train, image_size
-        self.augments = train and (hflip or (train_crop == "pad" and crop_padding > 0))
+        self.augments = train and (transforms["hflip"] or (train_crop == "pad" and crop_padding > 0))
         # train_crop=pad resizes to image_size before the random crop; otherwise (eval, or train_crop=none)
         # the image is resized to eval_resize and center-cropped, exactly as image_transforms does.
-        self.resize = image_size if train and train_crop == "pad" else eval_resize
+        self.resize = image_size if train and train_crop == "pad" else transforms["eval_resize"]
         self.padding = crop_padding if train and train_crop == "pad" else 0
-        self.hflip = train and hflip
-        self.mean, self.std = mean, std
+        self.hflip = train and transforms["hflip"]
+        self.mean, self.std = transforms["mean"], transforms["std"]
         self.indices = indices if indices is not None else list(range(len(images)))
         self.resize_per_batch = self.resize != images.shape[-1] or image_size != images.shape[-1]
         if self.resize_per_batch and len(images) * images.shape[1] * image_size**2 < RESIZE_ONCE_BYTES:
@@ -61,10 +63,10 @@ class TensorImages:
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.batch(self.images[i][None], None, None)[0], int(self.targets[i])
 
-    def loader(self, batch_size: int, shuffle: bool, device: torch.device, rank: int = 0, world_size: int = 1,
+    def loader(self, batch_size: int, shuffle: bool, device: torch.device, ctx: Context = Context(),
                seed: int = 0) -> "TensorBatches":
         """Batches (float (B, 3, S, S), int64 (B,)) already on `device`; see TensorBatches."""
-        return TensorBatches(self, batch_size, shuffle, device, rank, world_size, seed)
+        return TensorBatches(self, batch_size, shuffle, device, ctx, seed)
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The images and labels on `device`, copied there on first use and kept (one device at a time)."""
@@ -119,16 +121,17 @@ class TensorBatches:
     shuffle=True (training): one process (world_size 1) draws each epoch's order from torch's global CPU
     RNG. It also draws the crop offsets and flips there, then moves them to the device. Checkpoints hold
     that RNG, so a resumed run sees the same batches. A last batch of exactly one sample is dropped, because
-    BatchNorm cannot train on it. With world_size > 1 it works like torch's DistributedSampler: every rank
+    BatchNorm cannot train on it. With ctx.world_size > 1 it works like torch's DistributedSampler: every rank
     draws the same order from a generator seeded with seed + epoch (call set_epoch), pads it to a multiple of
-    world_size, and takes every world_size-th index from `rank` on. All ranks get the same number of batches
-    of batch_size (the per-rank size).
+    world_size, and takes every world_size-th index from ctx.rank on. All ranks get the same number of
+    batches of batch_size (the per-rank size).
     shuffle=False (evaluation): fixed order, no augmentation. Rank r takes the indices r, r + world_size, ...
     with no padding, so every sample is counted exactly once overall."""
 
-    def __init__(self, data: TensorImages, batch_size: int, shuffle: bool, device: torch.device, rank: int = 0,
-                 world_size: int = 1, seed: int = 0):
+    def __init__(self, data: TensorImages, batch_size: int, shuffle: bool, device: torch.device,
+                 ctx: Context = Context(), seed: int = 0):
         self.data, self.batch_size, self.shuffle, self.device = data, batch_size, shuffle, torch.device(device)
+        rank, world_size = ctx.rank, ctx.world_size
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
         n = len(data)
         self.count = math.ceil(n / world_size) if shuffle else len(range(rank, n, world_size))

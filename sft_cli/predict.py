@@ -39,7 +39,7 @@ def predict(cfg: DictConfig, out_dir: Path) -> list[dict]:
         items = [(str(cfg.text), None)]
     else:
         items = _texts(Path(cfg.input), cfg.dataset.text_field, pair_field) if is_text else _images(Path(cfg.input))
-    transform = None if is_text else data.image_transforms(False, **cfg.dataset.transforms)  # as evaluation does
+    transform = None if is_text else data.image_transforms(False, cfg.dataset.transforms)  # as evaluation does
     rows = []
     with torch.inference_mode(), runtime.autocast(device, cfg.trainer.precision):
         for start in range(0, len(items), cfg.batch_size):

@@ -144,7 +144,12 @@ def test_image_folder_root_that_is_not_a_directory_is_an_error(tmp_path):
 
 def test_unknown_train_crop_is_an_error_naming_the_key():
     with pytest.raises(SFTError, match="dataset.transforms.train_crop"):
-        data.image_transforms(True, **{**CIFAR_TRANSFORMS, "train_crop": "random"})
+        data.image_transforms(True, {**CIFAR_TRANSFORMS, "train_crop": "random"})
+
+
+def test_a_misspelled_transforms_key_is_an_error_listing_the_keys():
+    with pytest.raises(SFTError, match="dataset.transforms has the keys .*hfilp.*it needs exactly: image_size"):
+        data.image_transforms(True, {**FOLDER_TRANSFORMS, "hfilp": False})
 
 
 def test_pad_crop_yields_every_offset_and_eval_is_deterministic():
@@ -155,7 +160,7 @@ def test_pad_crop_yields_every_offset_and_eval_is_deterministic():
     padded = nn.functional.pad(image, (pad, pad, pad, pad))
     crops = {(dy, dx): padded[:, dy:dy + size, dx:dx + size] for dy in range(2 * pad + 1)
              for dx in range(2 * pad + 1)}
-    train = data.image_transforms(True, **tf)
+    train = data.image_transforms(True, tf)
     torch.manual_seed(0)
     seen = set()
     for _ in range(300):
@@ -164,7 +169,7 @@ def test_pad_crop_yields_every_offset_and_eval_is_deterministic():
         assert len(hits) == 1
         seen.add(hits[0])
     assert seen == set(crops)  # all 25 offsets, and nothing else
-    evaluate = data.image_transforms(False, **tf)
+    evaluate = data.image_transforms(False, tf)
     assert torch.equal((evaluate(image) * 255).round().to(torch.uint8), image)
 
 

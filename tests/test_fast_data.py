@@ -13,6 +13,7 @@ from torch.utils.data import DistributedSampler
 
 from fixtures import separable_images, write_cifar10, write_image_folder
 from sft_cli import data, fast_data
+from sft_cli.distributed import Context
 from sft_cli.errors import SFTError
 from sft_cli.fast_data import TensorImages
 
@@ -43,8 +44,8 @@ def decode(batch: torch.Tensor) -> tuple[list[int], list[int]]:
 
 def coded(n: int, train: bool = True) -> TensorImages:
     images, labels = coded_images(n)
-    return TensorImages(images, labels, train, image_size=8, train_crop="pad", crop_padding=2, hflip=True,
-                        eval_resize=8, **RAW)
+    return TensorImages(images, labels, train, dict(image_size=8, train_crop="pad", crop_padding=2, hflip=True,
+                                                    eval_resize=8, **RAW))
 
 
 def test_crops_and_flips_have_the_torchvision_distribution():
@@ -62,9 +63,9 @@ def test_crops_and_flips_have_the_torchvision_distribution():
         return Counter(outcomes[i] for i in hits.int().argmax(dim=1).tolist())
 
     torch.manual_seed(0)
-    fast = TensorImages(image[None].expand(n, -1, -1, -1), torch.zeros(n), True, **tf).loader(500, True, CPU)
+    fast = TensorImages(image[None].expand(n, -1, -1, -1), torch.zeros(n), True, tf).loader(500, True, CPU)
     fast_counts = counts(torch.cat([x for x, _ in fast]))
-    reference = data.image_transforms(True, **tf)
+    reference = data.image_transforms(True, tf)
     torchvision_counts = counts(torch.stack([reference(image) for _ in range(n)]))
     for c in (fast_counts, torchvision_counts):  # 50 equally likely outcomes: 40 each expected
         assert set(c) == set(outcomes) and 20 <= min(c.values()) and max(c.values()) <= 60
@@ -74,8 +75,8 @@ def test_normalised_training_batches_have_the_torchvision_mean_and_std():
     images, _ = separable_images(400, 10, 32, seed=0)
     images = torch.from_numpy(images).permute(0, 3, 1, 2)
     torch.manual_seed(0)
-    fast = torch.cat([x for x, _ in TensorImages(images, torch.zeros(400), True, **CIFAR).loader(128, True, CPU)])
-    reference = data.image_transforms(True, **CIFAR)
+    fast = torch.cat([x for x, _ in TensorImages(images, torch.zeros(400), True, CIFAR).loader(128, True, CPU)])
+    reference = data.image_transforms(True, CIFAR)
     slow = torch.stack([reference(image) for image in images])
     assert fast.shape == slow.shape == (400, 3, 32, 32)
     # per channel; without the zero-filled padding the mean would be off by about 0.12
@@ -99,8 +100,8 @@ def test_labels_stay_with_their_images_through_shuffling_and_augmentation():
 
 def test_batches_are_float_rgb_and_int64_labels_on_the_device():
     images, labels = coded_images(40)
-    gray = TensorImages(images[:, :1], labels, True, image_size=8, train_crop="none", crop_padding=0, hflip=True,
-                        eval_resize=8, mean=[0.5] * 3, std=[0.25] * 3)
+    gray = TensorImages(images[:, :1], labels, True, dict(image_size=8, train_crop="none", crop_padding=0, hflip=True,
+                                                          eval_resize=8, mean=[0.5] * 3, std=[0.25] * 3))
     x, y = next(iter(gray.loader(16, shuffle=True, device=CPU)))
     assert (x.shape, x.dtype, y.dtype, x.device) == ((16, 3, 8, 8), torch.float32, torch.int64, CPU)
     assert torch.equal(x[:, 0], x[:, 2])  # grayscale made 3 identical channels
@@ -124,7 +125,7 @@ def test_ddp_evaluation_shards_count_every_sample_exactly_once():
     data_ = coded(203, train=False)  # 203 is not a multiple of 3 ranks x 16
     seen = []
     for rank in range(3):
-        for images, targets in data_.loader(16, shuffle=False, device=CPU, rank=rank, world_size=3):
+        for images, targets in data_.loader(16, shuffle=False, device=CPU, ctx=Context(rank, 3)):
             labels, indices = decode(images)
             assert labels == targets.tolist()
             seen += indices
@@ -135,7 +136,7 @@ def test_ddp_training_shards_are_equal_and_follow_distributed_sampler():
     data_ = coded(203)
     shards = {}
     for rank in range(3):
-        loader = data_.loader(16, shuffle=True, device=CPU, rank=rank, world_size=3, seed=7)
+        loader = data_.loader(16, shuffle=True, device=CPU, ctx=Context(rank, 3), seed=7)
         loader.set_epoch(2)
         torch.manual_seed(rank)  # the order must not depend on the (per-rank) global RNG
         shards[rank] = [i for images, _ in loader for i in decode(images)[1]]
@@ -160,8 +161,8 @@ def test_evaluation_images_equal_the_torchvision_ones_bit_for_bit(channels, nati
         monkeypatch.setattr(fast_data, "RESIZE_ONCE_BYTES", 0)
     images = torch.randint(0, 256, (20, channels, native, native), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    split = TensorImages(images, torch.arange(20), False, **tf)
-    reference = data.image_transforms(False, **tf)
+    split = TensorImages(images, torch.arange(20), False, tf)
+    reference = data.image_transforms(False, tf)
     expected = torch.stack([reference(image) for image in images])
     batches = torch.cat([x for x, _ in split.loader(8, shuffle=False, device=CPU)])
     assert torch.equal(batches, expected)
