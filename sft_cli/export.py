@@ -1,4 +1,5 @@
-"""sft-export: a transformers checkpoint as a save_pretrained() folder that plain `transformers` loads."""
+"""sft-export: a transformers checkpoint (a text classifier or a causal LM) as a save_pretrained() folder that
+plain `transformers` loads, with its tokenizer (and chat template)."""
 
 import logging
 from pathlib import Path
@@ -25,5 +26,7 @@ def export(cfg: DictConfig) -> Path:
     _, model = checkpoint.load_model(cfg, ckpt, torch.device("cpu"))
     model.model.save_pretrained(out)
     model.tokenizer.save_pretrained(out)
-    log.info(f"exported to {out}: AutoModelForSequenceClassification.from_pretrained('{out}') loads it")
+    auto = "AutoModelForCausalLM" if model.model.config.architectures and \
+        model.model.config.architectures[0].endswith("ForCausalLM") else "AutoModelForSequenceClassification"
+    log.info(f"exported to {out}: transformers' {auto}.from_pretrained('{out}') loads it")
     return out

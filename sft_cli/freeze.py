@@ -116,9 +116,11 @@ def apply(model: nn.Module, stages: list[Stage], frozen: list[str]) -> None:
 
 
 def parameter_counts(model: nn.Module, stages: list[Stage]) -> list[tuple[str, int, int]]:
-    """(stage, trainable, total) parameter counts, for the table printed at start."""
-    rows = []
+    """(stage, trainable, total) parameter counts, for the table printed at start. A parameter shared by two
+    stages (a language model's lm_head tied to its input embeddings) counts once, in the first."""
+    rows, seen = [], set()
     for stage in stages:
-        params = list(_parameters(model, stage))
+        params = [p for p in _parameters(model, stage) if id(p) not in seen]
+        seen.update(id(p) for p in params)
         rows.append((stage[0], sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)))
     return rows

@@ -130,21 +130,84 @@ def hf_classifier(name_or_path: str, classes: list[str], weights: str | None = "
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
     wrapper = TextClassifier(model, tokenizer)
+    _set_transformer_stages(wrapper, {f"model.{n}" for n in created})
+    return wrapper
+
+
+def _set_transformer_stages(wrapper: nn.Module, created: set[str]) -> None:
+    """Stages of a transformers model held as wrapper.model: the input embeddings (stem), each block of its
+    largest ModuleList (encoder or decoder layers), then what sits above (pooler, final norm, head), which
+    is depth 0 for layer-wise lr decay. Stages whose parameters are all in `created` (made from scratch
+    here, not loaded) are new: they always train."""
+    model = wrapper.model
     base = model.base_model_prefix
     blocks = max((n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.startswith(base)),
                  key=lambda n: sum(p.numel() for p in model.get_submodule(n).parameters()))
     parts = blocks.split(".")
     expand = ["model"] + [f"model.{'.'.join(parts[:i])}" for i in range(1, len(parts) + 1)]
-    stem = [f"model.{base}.embeddings"] if hasattr(model.base_model, "embeddings") else []
+    embeddings = model.get_input_embeddings()
+    stem = [f"model.{n}" for n, m in model.named_modules() if m is embeddings][:1]
+    if hasattr(model.base_model, "embeddings"):  # BERT-style: word, position and type embeddings together
+        stem = [f"model.{base}.embeddings"]
     wrapper.sft_stages = stage_names(wrapper, stem, expand)
     last_block = max(i for i, (name, _) in enumerate(wrapper.sft_stages) if name.startswith(f"model.{blocks}."))
     wrapper.sft_top_stages = [name for name, _ in wrapper.sft_stages[last_block + 1:]]  # lr-decay depth 0
-    # stages made from scratch here (the classifier head and anything else the checkpoint lacked) always train
-    created = {f"model.{n}" for n in created}
     params = [n for n, _ in wrapper.named_parameters()]
 
     def is_new(members: list[str]) -> bool:
         return all(n in created for n in params if any(n == m or n.startswith(m + ".") for m in members))
 
     wrapper.sft_new_stages = [name for name, members in wrapper.sft_stages if is_new(members)]
+
+
+class CausalLM(nn.Module):
+    """A transformers causal LM called as the recipe calls every model: logits = model(inputs), with `inputs`
+    the batch dict (input_ids, attention_mask). Keeps its tokenizer (and chat template) for checkpoints and
+    generation."""
+
+    def __init__(self, model: nn.Module, tokenizer):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        return self.model(**inputs, use_cache=False).logits
+
+    def save_extras(self, folder: Path) -> None:
+        """The transformers config, generation config and tokenizer (with its chat template) in folder/hf."""
+        self.model.config.save_pretrained(folder / "hf")
+        self.model.generation_config.save_pretrained(folder / "hf")
+        self.tokenizer.save_pretrained(folder / "hf")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_causal_lm(name_or_path: str, weights: str | None = "pretrained", gradient_checkpointing: bool = False,
+                 dtype: str = "float32") -> CausalLM:
+    """Any AutoModelForCausalLM (Llama, Qwen, SmolLM, GPT-2, ...) by hub name or local folder, with its
+    tokenizer. weights=null keeps the architecture and initialises it randomly (a checkpoint is loaded next).
+    Stages for freezing: the input embeddings (stem), each decoder layer, then the final norm and lm_head."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if dtype not in DTYPES:
+        raise SFTError(not_one_of("model.dtype", dtype, DTYPES))
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
+        else:
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), dtype=DTYPES[dtype])
+    except (OSError, ValueError) as e:
+        raise SFTError(f"model.name_or_path={name_or_path} could not be loaded as a causal LM ({type(e).__name__}: "
+                       f"{str(e)[:300]}). Give a local folder saved with save_pretrained(), or run once with "
+                       "network access so the hub files are cached.") from e
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # most causal LMs: pad with end-of-sequence
+        tokenizer.pad_token = tokenizer.eos_token
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()  # recompute activations in backward: less memory, ~30% slower
+    wrapper = CausalLM(model, tokenizer)
+    _set_transformer_stages(wrapper, set() if weights else {f"model.{n}" for n, _ in model.named_parameters()})
     return wrapper

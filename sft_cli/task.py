@@ -64,5 +64,9 @@ class Task(Protocol):
 
     def window(self, device: torch.device) -> Window: ...
 
+    def generate_samples(self, model: nn.Module) -> list[dict]:
+        """What the model makes of a few validation inputs, written to samples.jsonl before training and at each
+        validation (a language model's greedy answers); [] when the metrics say it all (classifiers)."""
+
     def predict(self, cfg: DictConfig, out_dir) -> list[dict]:
         """sft-predict for a checkpoint of this task."""

@@ -140,6 +140,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     state = resume(run, learner, total_steps) if cfg.resume else TrainState()
     run.started -= state.elapsed
     run.files = metrics.MetricsFiles(run_dir, task.metrics, enabled=ctx.is_main)
+    if state.step == 0:
+        write_samples(run, model, state)  # a language model's answers before training, to compare with later ones
 
     # The epoch loop
     step_limit = t.max_steps or math.inf  # epochs bound the run otherwise (a resumed run may step differently)
@@ -342,10 +344,23 @@ def validate(run: Run, learner: Learner, loader, state: TrainState, row: dict) -
                       **{k: val[k] for k in (*names, "samples_per_s")}, "lr": row["lr"],
                       "elapsed": time.perf_counter() - run.started})
     row.update({f"val_{k}": val[k] for k in names})
+    write_samples(run, learner.model, state)
     log.info(f"epoch {state.epoch}/{t.max_epochs}  train {_shown(row, 'train_', names)} | "
              f"val {_shown(row, 'val_', names)} | {row['train_samples_per_s']:.0f} samples/s"
              f"{'  (best)' if improved else ''}")
     return improved
+
+
+def write_samples(run: Run, model: nn.Module, state: TrainState) -> None:
+    """Append what the task generates for a few validation inputs (a language model's greedy answers; nothing
+    for a classifier) to samples.jsonl. Rank 0 only; the RNG is left as it was, so resume stays bitwise."""
+    if not run.ctx.is_main:
+        return
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        rows = run.task.generate_samples(model)
+    if rows:
+        with open(run.run_dir / "samples.jsonl", "a") as f:
+            f.writelines(json.dumps({"epoch": state.epoch, "step": state.step, **row}) + "\n" for row in rows)
 
 
 def _shown(row: dict, prefix: str, names: tuple[str, ...]) -> str:

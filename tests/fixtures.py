@@ -91,3 +91,53 @@ def sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
         words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(POSITIVE if label == "pos" else NEGATIVE)))
         rows.append((" ".join(words), label))
     return rows
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CODES = {"apple": "red", "sky": "blue", "grass": "green", "snow": "white", "coal": "black", "sun": "yellow",
+         "plum": "purple", "rust": "orange", "rose": "pink", "sand": "beige"}
+
+
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    """`messages` records of a synthetic mapping a tiny model learns in a few epochs: "colour of apple" ->
+    "red", one of ten (plus a system turn in every third record)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        thing = list(CODES)[int(rng.integers(len(CODES)))]
+        messages = [{"role": "user", "content": f"colour of {thing}"}, {"role": "assistant", "content": CODES[thing]}]
+        if i % 3 == 0:
+            messages.insert(0, {"role": "system", "content": "answer with one colour"})
+        rows.append({"messages": messages})
+    return rows
+
+
+def write_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama (random weights) with a byte-level BPE tokenizer trained on the chat rows' words and a
+    ChatML chat template, pad token = eos token = <|im_end|>, saved with save_pretrained: a causal LM
+    folder as a user's would be, built offline in a second."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|im_start|>", "<|im_end|>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [CHATML.replace("{", "").replace("}", "")] + [
+        f"<|im_start|>user\ncolour of {k}<|im_end|>\n<|im_start|>assistant\n{v}<|im_end|>\nanswer with one colour"
+        for k, v in CODES.items()] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                        unk_token="<unk>")
+    tokenizer.chat_template = CHATML
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -395,3 +395,18 @@ def test_resolve_and_load_config_do_not_import_torch(tmp_path):
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'safetensors.torch'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_run_killed_before_its_first_metrics_row_and_validation_resumes_into_a_clean_history(tmp_path):
+    source = tmp_path / "source"
+    (source / "checkpoints").mkdir(parents=True)
+    (source / "metrics.csv").write_text("")  # killed before the header reached the disk
+    step = source / "checkpoints" / "step-00000005"
+    step.mkdir()
+    (step / checkpoint.MODEL_FILE).write_bytes(b"weights")
+    (source / "checkpoints" / "last").symlink_to("step-00000005")
+    checkpoint.copy_history(source / "checkpoints" / "last", tmp_path / "resumed", epoch=0, step=5)
+    folder = tmp_path / "resumed" / "checkpoints"
+    assert (folder / "last").resolve().name == "step-00000005"
+    assert not (folder / "best").exists()  # never validated: no best until the resumed run validates
+    assert not (tmp_path / "resumed" / "metrics.csv").exists()

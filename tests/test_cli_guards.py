@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from conftest import run_cli
+from conftest import FAST, run_cli
 from sft_cli import cli, config, sweep
 from sft_cli.errors import SFTError
 from test_cli_errors import digest, refused
@@ -243,3 +243,10 @@ def test_a_sweep_checks_the_monitor_against_the_task_class():
     with pytest.raises(SFTError, match="is not one of: val/accuracy, val/bleu, val/loss"):
         sweep.check_config(["+experiment=quickstart", task, "trainer.monitor=val/f1", "optimizer.lr=0.1,0.01"])
     sweep.check_config(["+experiment=quickstart", task, "trainer.monitor=val/bleu", "optimizer.lr=0.1,0.01"])
+
+
+def test_an_empty_hydra_run_dir_is_refused_before_anything_is_written(tmp_path: Path):
+    (tmp_path / "mine.txt").write_text("a user's file")
+    result = run_cli("sft-train", *FAST, "hydra.run.dir=", cwd=tmp_path)
+    assert result.returncode == 1 and "hydra.run.dir= is empty" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]

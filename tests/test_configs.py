@@ -52,17 +52,22 @@ EXPERIMENTS = [p.stem for p in sorted((CONFIGS / "experiment").glob("*.yaml"))]
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_group_option_composes_and_binds(group, option):
     text = (group == "dataset" and option in ("text_files", "glue_sst2")) or (group == "model" and "bert" in option)
+    chat = option in ("chat_files", "causal_lm", "token_cross_entropy")
     pair = ["model=bert_base_uncased", "dataset=text_files"] if text else []  # text data needs a text model
+    if chat:  # chat data, a causal LM and its loss go together
+        pair = ["task=causal_lm", "model=causal_lm", "dataset=chat_files", "loss=token_cross_entropy",
+                "model.name_or_path=/my/llm"]
     cfg = compose_train(pair + [f"{group}={option}"])
     assert check_binds(cfg) >= 7  # task, dataset, model, freeze, optimizer, scheduler, loss at least
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_binds_and_documents_itself(name):
-    cfg = compose_train([f"+experiment={name}"])
+    offline = ["model.name_or_path=/my/llm"] if name.startswith("chat") else []  # not the PyPI download
+    cfg = compose_train([f"+experiment={name}", *offline])
     check_binds(cfg)
     assert cfg.name == name
-    required = {"image_folder": "root", "text_classification": "train_file"}  # the user's own data
+    required = {"image_folder": "root", "text_classification": "train_file", "chat_sft": "train_file"}
     if name in required:
         with pytest.raises(SFTError, match=rf"dataset.{required[name]}=\.\.\."):
             config.check(cfg)

@@ -1,4 +1,6 @@
-"""metrics.confusion and metrics.scores on hand-made inputs."""
+"""metrics.confusion, metrics.scores, the token window and the token loss on hand-made inputs."""
+
+import math
 
 import pytest
 import torch
@@ -47,3 +49,28 @@ def test_macro_f1_matches_scikit_learn_over_the_classes_that_occur():
 def test_scores_of_an_empty_confusion_matrix_are_zero():
     s = metrics.scores(torch.zeros(3, 3, dtype=torch.long))
     assert (s["accuracy"], s["macro_f1"], s["support"]) == (0.0, 0.0, [0, 0, 0])
+
+
+def test_the_token_window_weights_the_loss_by_tokens_not_by_batches():
+    from sft_cli.metrics import TokenWindow
+
+    window = TokenWindow(torch.device("cpu"))
+    window.add((torch.tensor(10.0), torch.tensor(10), torch.tensor(5), 2, torch.tensor(30)))  # mean 1.0 over 10
+    window.add((torch.tensor(3.0), torch.tensor(1), torch.tensor(1), 1, torch.tensor(9)))     # mean 3.0 over 1
+    read = window.read()
+    assert read["loss"] == 13.0 / 11 and read["token_accuracy"] == 6 / 11  # not (1.0 + 3.0) / 2
+    assert (read["samples"], read["tokens"], read["learned_tokens"]) == (3, 39, 11)
+    assert abs(read["perplexity"] - math.exp(13.0 / 11)) < 1e-12
+
+
+def test_token_cross_entropy_predicts_the_next_token_on_learned_positions_only():
+    from sft_cli.loss import TokenCrossEntropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 7)
+    labels = torch.tensor([[-100, -100, 3, 5], [-100, 2, 6, -100]])
+    summed, learned, correct = TokenCrossEntropy()(logits, labels)
+    pairs = [(0, 1, 3), (0, 2, 5), (1, 0, 2), (1, 1, 6)]  # (row, position of the logits, the next token)
+    expected = sum(torch.nn.functional.cross_entropy(logits[r, t][None], torch.tensor([y])) for r, t, y in pairs)
+    assert learned == 4 and torch.allclose(summed, expected)
+    assert correct == sum(int(logits[r, t].argmax() == y) for r, t, y in pairs)

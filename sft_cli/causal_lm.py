@@ -1,0 +1,82 @@
+"""The causal-LM task (configs/task/causal_lm.yaml): instruction or chat fine-tuning of a language model.
+
+Data come from chat_data.chat_files (messages, prompt/completion or alpaca files, rendered with the chat
+template or a plain prompt format, labels masked to the response tokens), the model from
+models.hf_causal_lm, the loss from configs/loss/token_cross_entropy.yaml. It reports the token-weighted loss,
+perplexity and next-token accuracy on the learned tokens, and answers a few validation prompts greedily at
+each validation (samples.jsonl), so progress can be read, not only measured.
+"""
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from sft_cli import config
+from sft_cli.data import Splits
+from sft_cli.errors import SFTError
+from sft_cli.metrics import TokenWindow
+
+
+class CausalLMTask:
+    """Next-token loss on the response tokens; the prompt format is what a checkpoint needs besides its config."""
+
+    metrics = ("loss", "perplexity", "token_accuracy")
+
+    def __init__(self, samples: int = 4, sample_tokens: int = 64):
+        self.samples, self.sample_tokens = samples, sample_tokens
+        self.prompt_format: dict | None = None
+        self.tokenizer = None  # the data's tokenizer, its chat template set to the one the data were rendered with
+        self.sample_prompts: list[str] = []
+        self.sample_references: list[str] = []
+        self.criterion = None
+
+    def data(self, dataset: DictConfig) -> Splits:
+        splits = config.build(dataset)
+        if not hasattr(splits, "prompt_format"):
+            raise SFTError(f"task=causal_lm needs chat or instruction data (dataset=chat_files), not "
+                           f"<{dataset._target_}>: set dataset=chat_files dataset.train_file=..., or task=classification")
+        self.prompt_format, self.tokenizer = splits.prompt_format, splits.tokenizer
+        self.sample_prompts = splits.sample_prompts[:self.samples]
+        self.sample_references = splits.sample_references[:self.samples]
+        return splits
+
+    def info(self) -> dict:
+        return {"prompt_format": self.prompt_format}
+
+    def set_info(self, info: dict) -> None:
+        self.prompt_format = info["prompt_format"]
+
+    def model(self, model: DictConfig, pretrained: bool = True) -> nn.Module:
+        built = config.build(model, **({} if pretrained else {"weights": None}))
+        if self.tokenizer is not None:
+            built.tokenizer = self.tokenizer  # checkpoints (hf/) then hold the chat template training used
+        return built
+
+    def set_loss(self, loss: DictConfig, splits: Splits, model: nn.Module) -> None:
+        self.criterion = config.build(loss)
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, tuple]:
+        inputs, labels = batch
+        summed, tokens, correct = self.criterion(model(inputs), labels)
+        record = (summed.detach(), tokens, correct, len(labels), inputs["attention_mask"].sum())
+        return summed / tokens.clamp(min=1), record
+
+    def window(self, device: torch.device) -> TokenWindow:
+        return TokenWindow(device)
+
+    def generate_samples(self, model: nn.Module) -> list[dict]:
+        """Greedy answers to the first validation prompts: {prompt, reference, response} each."""
+        if not self.sample_prompts:
+            return []
+        from sft_cli.generate import GenerationOptions, generate
+
+        options = GenerationOptions(max_new_tokens=self.sample_tokens, temperature=0.0, batch_size=len(self.sample_prompts))
+        model.eval()
+        responses = generate(model.model, model.tokenizer, self.sample_prompts, options)
+        return [{"prompt": p, "reference": r, "response": a}
+                for p, r, a in zip(self.sample_prompts, self.sample_references, responses)]
+
+    def predict(self, cfg: DictConfig, out_dir) -> list[dict]:
+        from sft_cli.generate import predict  # generation: only sft-predict needs it
+
+        return predict(cfg, out_dir)

@@ -1,0 +1,157 @@
+"""sft-predict for causal-LM checkpoints: answer prompts with the fine-tuned model, batched.
+
+A prompt is rendered exactly as training rendered it (chat_data.render_prompt, ending where the response
+starts) and continued until the model ends its turn. Batching never changes an answer: prompts are padded on
+the left with an attention mask, so a greedy answer is the same alone or next to longer prompts.
+"""
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from sft_cli import chat_data, checkpoint, console, runtime
+from sft_cli.errors import SFTError
+
+log = logging.getLogger("sft_cli.generate")
+
+# The tokens chat templates close a turn with (ChatML/Qwen, Llama 3, Gemma): generation stops at any of them
+# that the tokenizer holds as a single token, as well as at EOS (a fine-tuned model ends its answer with the
+# template's end-of-turn, which need not be the tokenizer's eos_token).
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to continue prompts; the values are checked on construction (SFTError naming the key)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy (deterministic); > 0: sampling at this temperature
+    top_p: float = 1.0  # sampling only: the smallest set of tokens holding this much probability
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if problems := option_problems(**asdict(self)):
+            raise SFTError("; ".join(problems))
+
+
+def option_problems(max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> list[str]:
+    """What is wrong with these GenerationOptions values, one message per key (empty when all is well)."""
+    problems = []
+    if max_new_tokens < 1:
+        problems.append(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if temperature < 0:
+        problems.append(f"temperature={temperature} must be 0 (greedy) or more (sampling)")
+    if not 0 < top_p <= 1:
+        problems.append(f"top_p={top_p} must be in (0, 1]: 1 samples from every token")
+    if batch_size < 1:
+        problems.append(f"batch_size={batch_size} must be at least 1")
+    return problems
+
+
+def generate(model, tokenizer, prompts: list[str], options: GenerationOptions) -> list[str]:
+    """The answer to each prompt (only the new text, special tokens removed, stripped), in prompt order.
+    `model` is a transformers causal LM; its device is where generation runs."""
+    # Tokenized as training tokenized the same text: BOS added unless the text starts with it (a chat template
+    # writes BOS itself, Llama 3 / Gemma / Mistral), so it is never doubled; Qwen-like tokenizers add none.
+    encoded = [chat_data.encode(tokenizer, p) for p in prompts]
+    # Similar lengths share a batch (less padding); answers go back to prompt order at the end.
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p, "top_k": 0} \
+        if options.temperature > 0 else {"do_sample": False}  # top_k=0: no hidden top-50 from the defaults
+    answers, stops = [""] * len(prompts), stop_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), options.batch_size):
+        batch = order[start:start + options.batch_size]
+        input_ids, attention_mask = left_pad([encoded[i] for i in batch], pad_id or 0)
+        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                max_new_tokens=options.max_new_tokens, eos_token_id=stops,
+                                pad_token_id=pad_id, **sampling)
+        new = output[:, input_ids.shape[1]:]  # every row starts with the same padded prompt length
+        for i, ids in zip(batch, new.tolist()):
+            answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return answers
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), padded on the left so that every prompt ends where generation starts.
+    Done here rather than with tokenizer.padding_side, so the tokenizer is never changed."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        if s:
+            input_ids[row, width - len(s):] = torch.tensor(s)
+            attention_mask[row, width - len(s):] = 1
+    return input_ids, attention_mask
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every token that ends an answer: EOS, the model's own generation_config EOS ids (Llama 3 instruct
+    lists several), and the end-of-turn tokens of END_OF_TURN that the tokenizer holds as one token."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[token] for token in END_OF_TURN if token in vocab)
+    return sorted(i for i in ids if i is not None)
+
+
+def predict(cfg: DictConfig, out_dir: Path) -> list[dict]:
+    """Answer cfg.prompt or every prompt of cfg.input with the checkpoint's model; rows {prompt, rendered,
+    response} written to cfg.output (.jsonl) or printed as a table. Everything is checked before the model
+    loads."""
+    options = _check(cfg)
+    ckpt = checkpoint.resolve(cfg.checkpoint)
+    device = runtime.pick_device(cfg.trainer.device)
+    task, model = checkpoint.load_model(cfg, ckpt, device)
+    prompt_format = task.info()["prompt_format"]
+    items = [str(cfg.prompt)] if cfg.prompt is not None else chat_data.read_prompts(Path(cfg.input), prompt_format)
+    if not items:
+        raise SFTError(f"input={cfg.input} holds no prompts")
+    rendered = [chat_data.render_prompt(model.tokenizer, prompt_format, item) for item in items]
+    if options.temperature > 0:
+        torch.manual_seed(cfg.get("seed") or 0)  # sampling is reproducible: the run's seed, or seed=N
+    with torch.inference_mode(), runtime.autocast(device, cfg.trainer.precision):
+        responses = generate(model.model, model.tokenizer, rendered, options)
+    rows = [{"prompt": item, "rendered": text, "response": response}
+            for item, text, response in zip(items, rendered, responses)]
+    _write(rows, cfg.output)
+    return rows
+
+
+def _check(cfg: DictConfig) -> GenerationOptions:
+    """Every problem with the command line at once, as one SFTError; the generation options otherwise."""
+    problems = []
+    if (cfg.prompt is None) == (cfg.input is None):
+        problems.append('give exactly one of prompt="..." or input=<.txt, .jsonl or .json file of prompts>')
+    elif cfg.input is not None and not Path(cfg.input).is_file():
+        problems.append(f"input={cfg.input} is not a file: give a .txt (one prompt per line), .jsonl or .json file")
+    if cfg.output is not None:
+        path = Path(cfg.output)
+        if path.suffix != ".jsonl" or path.is_dir():
+            problems.append(f"output={cfg.output} must be a file ending in .jsonl (or leave it out to print a table)")
+        elif path.exists() and not cfg.get("overwrite", False):
+            problems.append(f"output={cfg.output} already exists and is left untouched: choose a new file name, "
+                            "or add overwrite=true to replace it")
+    values = {key: cfg[key] for key in ("max_new_tokens", "temperature", "top_p", "batch_size")}
+    problems += option_problems(**values)
+    if problems:
+        raise SFTError(problems[0] if len(problems) == 1 else
+                       "sft-predict cannot start:\n" + "\n".join(f"  - {p}" for p in problems))
+    return GenerationOptions(**values)
+
+
+def _write(rows: list[dict], output: str | None) -> None:
+    if output is None:
+        console.print_ranking([{"prompt": r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"]),
+                                "response": r["response"]} for r in rows], ["prompt", "response"], "answers")
+        return
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    log.info(f"wrote {len(rows)} answers to {path}")

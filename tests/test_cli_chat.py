@@ -1,0 +1,111 @@
+"""Instruction / chat fine-tuning as a user runs it: a tiny Llama (saved with save_pretrained, with a ChatML
+template) learns a synthetic mapping from a messages JSONL; then sft-eval on a held-out file, sft-predict
+(one prompt, and a file of prompts), sft-export for plain transformers, and mid-epoch resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import kill_within_an_epoch, ok, read_json, run_cli
+from fixtures import CODES, chat_rows, write_tiny_llama
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def chat_args(cwd: Path) -> list[str]:
+    return ["+experiment=chat_sft", "dataset.train_file=chats.jsonl", f"model.name_or_path={cwd / 'tiny-llama'}",
+            "optimizer.lr=3e-3", "trainer.batch_size=16", "trainer.progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("chat")
+    write_tiny_llama(cwd / "tiny-llama")
+    write_jsonl(cwd / "chats.jsonl", chat_rows(300, seed=1))
+    write_jsonl(cwd / "held_out.jsonl", chat_rows(40, seed=7))
+    ok(run_cli("sft-train", *chat_args(cwd), "trainer.max_epochs=4", "hydra.run.dir=run", cwd=cwd))
+    return cwd
+
+
+def test_a_tiny_llama_learns_the_responses_and_the_run_shows_its_answers(chat_run: Path):
+    run = chat_run / "run"
+    summary = read_json(run / "summary.json")
+    assert summary["monitor"] == "val/loss" and summary["mode"] == "min"  # the mode follows the metric
+    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in val if r["split"] == "val"]
+    assert val[-1]["loss"] < val[0]["loss"] < 4.0 and val[-1]["token_accuracy"] > 0.9
+    assert abs(val[-1]["perplexity"] - torch.tensor(val[-1]["loss"]).exp().item()) < 1e-4
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    before = [s for s in samples if s["epoch"] == 0]
+    after = [s for s in samples if s["epoch"] == 4]
+    assert len(before) == len(after) == 4  # before training, and at the last validation
+    assert sum(s["response"] == s["reference"] for s in before) == 0  # random weights know nothing
+    assert sum(s["response"] == s["reference"] for s in after) >= 3
+    meta = read_json(run / "checkpoints" / "best" / "meta.json")
+    assert meta["prompt_format"]["format"] == "messages" and "im_start" in meta["prompt_format"]["chat_template"]
+
+
+def test_eval_on_a_held_out_file_reports_loss_perplexity_and_token_accuracy(chat_run: Path):
+    ok(run_cli("sft-eval", "checkpoint=run/checkpoints/best", "dataset.test_file=held_out.jsonl",
+               "hydra.run.dir=ev", cwd=chat_run))
+    report = read_json(chat_run / "ev" / "eval.json")
+    assert report["samples"] == 40 and report["token_accuracy"] > 0.9 and report["loss"] < 1.5
+
+
+def test_predict_answers_one_prompt_and_a_file_the_same_way(chat_run: Path):
+    things = list(CODES)
+    (chat_run / "prompts.txt").write_text("".join(f"colour of {t}\n" for t in things))
+    ok(run_cli("sft-predict", "checkpoint=run", "input=prompts.txt", "output=answers.jsonl", "batch_size=4",
+               cwd=chat_run))
+    rows = [json.loads(line) for line in (chat_run / "answers.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [f"colour of {t}" for t in things]
+    assert sum(r["response"] == CODES[t] for r, t in zip(rows, things)) >= 7
+    one = ok(run_cli("sft-predict", "checkpoint=run", f"prompt=colour of {things[1]}", "output=one.jsonl",
+                     cwd=chat_run))
+    assert json.loads((chat_run / "one.jsonl").read_text())["response"] == rows[1]["response"], one.output
+    refused = run_cli("sft-predict", "checkpoint=run", "input=prompts.txt", "output=answers.jsonl", cwd=chat_run)
+    assert refused.returncode == 1 and "overwrite=true" in refused.output
+
+
+def test_export_loads_and_generates_in_plain_transformers(chat_run: Path):
+    ok(run_cli("sft-export", "checkpoint=run/checkpoints/best", "output=exported", cwd=chat_run))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(chat_run / "exported")
+    tokenizer = AutoTokenizer.from_pretrained(chat_run / "exported")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "colour of sky"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+    answer = tokenizer.decode(out[0][prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    predicted = json.loads((chat_run / "answers.jsonl").read_text().splitlines()[1])["response"]  # colour of sky
+    assert answer.strip() == predicted
+
+
+def test_a_kill_within_an_epoch_resumes_chat_training_bitwise(tmp_path: Path):
+    write_tiny_llama(tmp_path / "tiny-llama")
+    write_jsonl(tmp_path / "chats.jsonl", chat_rows(200, seed=2))
+    args = [*chat_args(tmp_path), "trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=2"]
+    kill_within_an_epoch(args, tmp_path)
+    ok(run_cli("sft-train", *args, "resume=killed", "hydra.run.dir=resumed", cwd=tmp_path))
+    ok(run_cli("sft-train", *args, "hydra.run.dir=straight", cwd=tmp_path))
+    resumed, straight = (load_file(tmp_path / run / "checkpoints" / "last" / "model.safetensors")
+                         for run in ("resumed", "straight"))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert read_json(tmp_path / "resumed" / "summary.json")["best_value"] == \
+        read_json(tmp_path / "straight" / "summary.json")["best_value"]
+
+
+def test_chat_mistakes_name_the_key(tmp_path: Path):
+    write_tiny_llama(tmp_path / "tiny-llama")
+    result = run_cli("sft-train", "+experiment=chat_sft", f"model.name_or_path={tmp_path / 'tiny-llama'}",
+                     cwd=tmp_path)
+    assert result.returncode == 1 and "dataset.train_file" in result.output and "Traceback" not in result.output
+    result = run_cli("sft-train", "+experiment=quickstart", "task=causal_lm", "trainer.monitor=val/loss",
+                     cwd=tmp_path)
+    assert result.returncode == 1 and "dataset=chat_files" in result.output and "Traceback" not in result.output
