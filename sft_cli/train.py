@@ -174,8 +174,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     distributed.broadcast_module(model, ctx)
     test = None
     if splits.test is not None:
-        test = evaluate(task, model, data.make_loader(splits, "test", eval_batch, loading), device, t.precision)
-        test = {k: test[k] for k in (*task.metrics, "samples")}
+        details = evaluate(task, model, data.make_loader(splits, "test", eval_batch, loading), device, t.precision)
+        test = {k: details[k] for k in (*task.metrics, "samples")}
+        if ctx.is_main:  # per-class scores and the confusion matrix, for reports
+            (run_dir / "test.json").write_text(json.dumps({**task.info(), **details}, indent=2))
     summary = {"name": cfg.name, "status": "early_stopped" if _out_of_patience(t, state) else "completed",
                "monitor": t.monitor, "mode": config.mode_of(t), "best_value": state.best,
                "best_epoch": state.best_epoch, "epochs": state.epoch, "steps": state.step, "test": test,
