@@ -121,14 +121,14 @@ def chat_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
         tok.chat_template = prompt_format["chat_template"]
     cache = Path(cache_dir or os.environ.get("SFT_CLI_CACHE") or Path.home() / ".cache/sft-cli/tokenized")
     cache = Path(to_absolute_path(str(cache.expanduser())))
-    settings = (tok, prompt_format, max_length, train_on_prompt, skip_bad_rows, cache)
+    how = Tokenizing(tok, prompt_format, max_length, train_on_prompt, skip_bad_rows, cache)
 
     train_path, _, train_rows, skipped = files["train_file"]
-    train, kept, counts = _tokenized(train_path, train_rows, *settings)
+    train, kept, counts = _tokenized(train_path, train_rows, how)
     counts["skipped_rows"] += skipped
     if "val_file" in files:
         path, _, rows, _ = files["val_file"]
-        val, val_kept, _ = _tokenized(path, rows, *settings)
+        val, val_kept, _ = _tokenized(path, rows, how)
         val_rows = [rows[i] for i in val_kept]
     else:
         keep, held_out = stratified_split([0] * len(train), val_size, split_seed)  # one class: a random slice
@@ -137,7 +137,7 @@ def chat_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
     test = None
     if "test_file" in files:
         path, _, rows, _ = files["test_file"]
-        test = _tokenized(path, rows, *settings)[0]
+        test = _tokenized(path, rows, how)[0]
     samples = [_prompt_and_response(row[1], fmt) for row in val_rows[:4]]
     counts["examples"] = len(train)
     return ChatSplits(train, val, test, [], [], CausalCollate(tok.pad_token_id),
@@ -456,10 +456,23 @@ class _RowProblem(Exception):
     """A record that reads well but cannot be tokenized; a bad row like the others."""
 
 
-def _tokenized(path: Path, rows: list, tok, prompt_format: dict, max_length: int, train_on_prompt: bool,
-               skip: bool, cache: Path) -> tuple[TokenSequences, list[int], dict]:
+@dataclass(frozen=True)
+class Tokenizing:
+    """How every file of a run is tokenized."""
+
+    tok: object
+    prompt_format: dict
+    max_length: int
+    train_on_prompt: bool
+    skip: bool  # dataset.skip_bad_rows
+    cache: Path
+
+
+def _tokenized(path: Path, rows: list, how: Tokenizing) -> tuple[TokenSequences, list[int], dict]:
     """(examples, the indices of the rows kept, counts) for one file; cached per tokenizer, template, file
     version, settings and the rows read."""
+    tok, prompt_format, max_length, train_on_prompt, skip, cache = (
+        how.tok, how.prompt_format, how.max_length, how.train_on_prompt, how.skip, how.cache)
     stat = path.stat()
     key = json.dumps([_fingerprint(tok), prompt_format, str(path), stat.st_size, stat.st_mtime_ns, max_length,
                       train_on_prompt, skip, [where for where, _ in rows]], sort_keys=True)
