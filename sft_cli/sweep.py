@@ -127,6 +127,12 @@ class SweepSummary(Callback):
             write(groups, sweep_dir, "summary_seeds", SEED_COLUMNS)
             console.print_ranking(groups, SEED_COLUMNS, f"mean and std over seeds of {monitor} "
                                                         f"({sweep_dir}/summary_seeds.md)")
+        try:
+            from sft_cli import report  # matplotlib, only at the end
+
+            console.print_lines([f"sweep report: {report.sweep_report(sweep_dir)}"])
+        except Exception as e:  # the ranking files are written; the page is a bonus
+            log.warning(f"could not draw the sweep report ({type(e).__name__}: {e}); sft-report {sweep_dir} retries")
         failed = [r for r in rows if r["status"] == "failed"]
         if failed:
             console.print_lines([f"{len(failed)} of {len(rows)} runs failed:"]

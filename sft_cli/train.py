@@ -187,11 +187,23 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                "checkpoint": str(best_dir.absolute()), "run_dir": str(run_dir.absolute())}
     if ctx.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_report(run_dir)
         console.print_key_values("summary", {k: v for k, v in summary.items() if k not in ("test", "run_dir")}
                                  | {f"test {k}": v for k, v in (test or {}).items()})
         log.info(f"best checkpoint: {best_dir}   evaluate it with: sft-eval checkpoint={best_dir}")
     distributed.close()
     return float(state.best)
+
+
+def write_report(run_dir: Path) -> None:
+    """plots/ and report.html from the run's files (what `sft-report <run>` redraws). A failure here (a full
+    disk, a broken font cache) is a warning: the run itself has finished and its files are written."""
+    try:
+        from sft_cli import report  # matplotlib: loaded only once the run is done
+
+        log.info(f"report: {report.run_report(run_dir)}")
+    except Exception as e:
+        log.warning(f"could not draw the run's report ({type(e).__name__}: {e}); sft-report {run_dir} retries")
 
 
 def _check_processes(cfg: DictConfig, run_dir: Path, ctx: distributed.Context, device: torch.device) -> None:
