@@ -131,6 +131,9 @@ def check(cfg: DictConfig) -> None:
     before torch is imported: these answer in about a second)."""
     require(cfg)
     problems = _trainer_problems(cfg.trainer) + _run_problems(cfg)
+    from sft_cli import loggers  # torch-free: finds the trackers' packages without importing them
+
+    problems += loggers.check(cfg.get("logger"))
     if problems:
         raise SFTError("invalid config:\n  - " + "\n  - ".join(problems))
 

@@ -122,11 +122,12 @@ class TokenWindow:
 
 class MetricsFiles:
     """metrics.jsonl (a record per logging interval and per validation) and metrics.csv (a row per epoch, with
-    train_ and val_ columns for each metric the task reports) in the run folder. Each write is flushed, so a
-    killed run keeps everything up to its last record. With enabled=False (DDP ranks but 0) it writes nothing."""
+    train_ and val_ columns for each metric the task reports) in the run folder, and every record to the
+    configured trackers. Each write is flushed, so a killed run keeps everything up to its last record. With
+    enabled=False (DDP ranks but 0) it writes nothing."""
 
-    def __init__(self, run_dir, metrics: tuple[str, ...], enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, run_dir, metrics: tuple[str, ...], enabled: bool = True, trackers=None):
+        self.enabled, self.trackers = enabled, trackers  # trackers: loggers.Loggers (TensorBoard, MLflow), or None
         self.columns = ("epoch", "step", *(f"{split}_{m}" for split in ("train", "val") for m in metrics), "lr",
                         "train_samples_per_s", "elapsed")
         if not enabled:
@@ -141,6 +142,8 @@ class MetricsFiles:
         if self.enabled:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
+            if self.trackers:  # plain numbers, read from the device already: no extra sync
+                self.trackers.metrics(record)
 
     def epoch_row(self, row: dict) -> None:
         if self.enabled:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.optim.lr_scheduler import OneCycleLR, ReduceLROnPlateau
 
-from sft_cli import checkpoint, config, console, data, distributed, freeze, metrics, models, optim, runtime
+from sft_cli import checkpoint, config, console, data, distributed, freeze, loggers, metrics, models, optim, runtime
 from sft_cli.errors import SFTError
 from sft_cli.task import Task
 
@@ -139,7 +139,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     # Resume: weights, optimizer, schedule, RNG, counters and best metric from the checkpoint
     state = resume(run, learner, total_steps) if cfg.resume else TrainState()
     run.started -= state.elapsed
-    run.files = metrics.MetricsFiles(run_dir, task.metrics, enabled=ctx.is_main)
+    trackers = loggers.build(cfg.logger, run_dir, cfg, enabled=ctx.is_main)  # after resume copied their history
+    run.files = metrics.MetricsFiles(run_dir, task.metrics, enabled=ctx.is_main, trackers=trackers)
     if state.step == 0:
         write_samples(run, model, state)  # a language model's answers before training, to compare with later ones
 
@@ -188,6 +189,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     if ctx.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         write_report(run_dir)
+        _track_the_end(trackers, summary, run_dir)
         console.print_key_values("summary", {k: v for k, v in summary.items() if k not in ("test", "run_dir")}
                                  | {f"test {k}": v for k, v in (test or {}).items()})
         log.info(f"best checkpoint: {best_dir}   evaluate it with: sft-eval checkpoint={best_dir}")
@@ -204,6 +206,17 @@ def write_report(run_dir: Path) -> None:
         log.info(f"report: {report.run_report(run_dir)}")
     except Exception as e:
         log.warning(f"could not draw the run's report ({type(e).__name__}: {e}); sft-report {run_dir} retries")
+
+
+def _track_the_end(trackers: loggers.Loggers, summary: dict, run_dir: Path) -> None:
+    """The summary (test metrics), the confusion matrix and samples to the trackers; best checkpoint if asked."""
+    trackers.summary(summary)
+    if (run_dir / "plots" / "confusion.png").is_file():
+        trackers.image("confusion_matrix", run_dir / "plots" / "confusion.png")
+    if (run_dir / "samples.jsonl").is_file():
+        trackers.text("samples", (run_dir / "samples.jsonl").read_text())
+    trackers.checkpoint(run_dir / "checkpoints" / "best")
+    trackers.close()
 
 
 def _check_processes(cfg: DictConfig, run_dir: Path, ctx: distributed.Context, device: torch.device) -> None:
@@ -451,6 +464,7 @@ def resume(run: Run, learner: Learner, total_steps: int) -> TrainState:
     if run.ctx.is_main:
         checkpoint.clear_stale(ckpt.resolve().parent)  # a killed save's temporary folder in the source run
         checkpoint.copy_history(ckpt, run.run_dir, state.epoch, state.step)
+        loggers.continue_from(ckpt.resolve().parent.parent, run.run_dir, step=state.step)  # the same tracker runs
     log.info(f"resumed from {ckpt.resolve()} at epoch {state.epoch}, step {state.step}"
              f"{f' (batch {state.batch} of epoch {state.epoch + 1})' if state.batch else ''} "
              f"(best {state.best} at epoch {state.best_epoch})")

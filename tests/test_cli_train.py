@@ -109,8 +109,9 @@ def test_accumulation_clipping_and_max_steps(tmp_path: Path):
 def test_multirun_grid_makes_four_runs_and_a_ranked_summary(tmp_path: Path):
     result = ok(run_cli("sft-train", "-m", *FAST, "trainer.max_steps=6", "optimizer.lr=0.1,0.01",
                         "freeze=none,head_only", "hydra.sweep.dir=sweep", cwd=tmp_path))
-    runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name != "plots")
     assert [p.name for p in runs] == ["0", "1", "2", "3"]
+    assert (tmp_path / "sweep" / "report.html").is_file() and (tmp_path / "sweep" / "plots").is_dir()
     assert all((p / "summary.json").is_file() and (p / "checkpoints" / "best").is_dir() for p in runs)
     with open(tmp_path / "sweep" / "summary.csv") as f:
         rows = list(csv.DictReader(f))

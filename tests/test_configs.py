@@ -13,7 +13,7 @@ from sft_cli import config
 from sft_cli.errors import SFTError
 
 CONFIGS = Path(config.find_config_dir())
-GROUPS = ["task", "dataset", "model", "freeze", "optimizer", "scheduler", "loss"]
+GROUPS = ["task", "dataset", "model", "freeze", "optimizer", "scheduler", "loss", "logger"]
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
