@@ -188,7 +188,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                "checkpoint": str(best_dir.absolute()), "run_dir": str(run_dir.absolute())}
     if ctx.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        write_report(run_dir)
+        if cfg.report:
+            write_report(run_dir)
         _track_the_end(trackers, summary, run_dir)
         console.print_key_values("summary", {k: v for k, v in summary.items() if k not in ("test", "run_dir")}
                                  | {f"test {k}": v for k, v in (test or {}).items()})

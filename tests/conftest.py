@@ -15,7 +15,7 @@ BIN = Path(sys.executable).parent
 # One DataLoader worker: the tests that choose dataset.pipeline=torchvision run with a worker process (the
 # default fast pipeline has none).
 FAST = ["+experiment=quickstart", "dataset.transforms.image_size=16", "trainer.num_workers=1",
-        "trainer.progress_bar=false"]
+        "trainer.progress_bar=false", "report=false"]  # reports: drawn by quick_run and tests/test_report.py
 
 
 # Under pytest-xdist (pytest -n 2) each worker runs its own commands: one torch thread each keeps two workers
@@ -46,9 +46,10 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def kill_within_an_epoch(args: list[str], cwd: Path, run_dir: str = "killed") -> dict:
+def kill_within_an_epoch(args: list[str], cwd: Path, run_dir: str = "killed", after_epoch: int = 1) -> dict:
     """Start `sft-train args... hydra.run.dir=<run_dir>` and SIGKILL it as soon as checkpoints/last is a checkpoint
-    written within an epoch after the first (args must set trainer.checkpoint_every_n_steps); its meta.json."""
+    written within an epoch, `after_epoch` epochs in or later (args must set trainer.checkpoint_every_n_steps);
+    its meta.json."""
     env = {**os.environ, **THREADS, "HTTPS_PROXY": "http://127.0.0.1:9", "TORCH_HOME": str(cwd / "torch_home"),
            "SFT_CLI_CACHE": str(cwd / "sft_cache")}
     proc = subprocess.Popen([str(BIN / "sft-train"), *args, f"hydra.run.dir={run_dir}"], cwd=cwd, env=env,
@@ -59,7 +60,7 @@ def kill_within_an_epoch(args: list[str], cwd: Path, run_dir: str = "killed") ->
             meta = json.loads((cwd / run_dir / "checkpoints" / "last" / "meta.json").read_text())
         except (OSError, ValueError):  # not written yet, or re-pointed while being read
             meta = None
-        if meta and meta["batch"] > 0 and meta["epoch"] >= 1:
+        if meta and meta["batch"] > 0 and meta["epoch"] >= after_epoch:
             break
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -72,7 +73,7 @@ def kill_within_an_epoch(args: list[str], cwd: Path, run_dir: str = "killed") ->
 def quick_run(tmp_path_factory) -> Path:
     """One finished 3-epoch run of the (cheapened) quickstart, shared by every test that reads one."""
     cwd = tmp_path_factory.mktemp("quick")
-    ok(run_cli("sft-train", *FAST, "trainer.max_epochs=3", "hydra.run.dir=run", cwd=cwd))
+    ok(run_cli("sft-train", *FAST, "trainer.max_epochs=3", "report=true", "hydra.run.dir=run", cwd=cwd))
     return cwd / "run"
 
 

@@ -29,6 +29,7 @@ def text_run(tmp_path_factory) -> Path:
     return cwd
 
 
+@pytest.mark.slow  # 20 s; the default suite keeps the image pipelines' and the chat tokens' kill tests
 def test_a_kill_within_an_epoch_resumes_text_training_bitwise(tmp_path: Path):
     # dropout draws from the RNG between batches; group_by_length draws the batches from it
     write_tiny_bert(tmp_path / "tiny-bert")

@@ -20,6 +20,8 @@ def test_quickstart_learns_and_leaves_every_artefact(quick_run: Path):
     assert summary["wall_time_s"] > 0
 
     assert (quick_run / ".hydra" / "config.yaml").is_file() and (quick_run / "train.log").is_file()
+    assert (quick_run / "report.html").is_file() and (quick_run / "plots" / "confusion.png").is_file()
+    assert read_json(quick_run / "test.json")["confusion"]  # what the report's confusion matrix is drawn from
     records = [read_json_line(line) for line in (quick_run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"]
@@ -88,8 +90,8 @@ def test_a_kill_in_the_middle_of_an_epoch_resumes_bitwise_equal_to_an_uninterrup
 
 def test_a_kill_within_an_epoch_resumes_bitwise_on_the_dataloader_path_with_a_worker(tmp_path: Path):
     # torchvision's per-sample transforms in a DataLoader worker process, seeded from the checkpointed RNG
-    args = [*FAST, "dataset.pipeline=torchvision", "trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=3"]
-    kill_within_an_epoch(args, tmp_path)
+    args = [*FAST, "dataset.pipeline=torchvision", "trainer.max_epochs=1", "trainer.checkpoint_every_n_steps=3"]
+    kill_within_an_epoch(args, tmp_path, after_epoch=0)
     ok(run_cli("sft-train", *args, "resume=killed", "hydra.run.dir=resumed", cwd=tmp_path))
     ok(run_cli("sft-train", *args, "hydra.run.dir=straight", cwd=tmp_path))
     assert same_weights(tmp_path / "resumed", tmp_path / "straight")
