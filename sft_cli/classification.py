@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from sft_cli import config
-from sft_cli.data import Splits
+from sft_cli.data import Splits, to_device
 from sft_cli.metrics import ConfusionWindow
 
 
@@ -19,13 +19,15 @@ class Classification:
 
     metrics = ("loss", "accuracy", "macro_f1")
 
-    def __init__(self):
+    def __init__(self, samples: int = 0):
+        self.samples = samples
         self.classes: list[str] | None = None
         self.criterion = None
+        self.splits: Splits | None = None
 
     def data(self, dataset: DictConfig) -> Splits:
         splits = config.build(dataset)
-        self.classes = splits.classes
+        self.classes, self.splits = splits.classes, splits
         return splits
 
     def info(self) -> dict:
@@ -54,7 +56,19 @@ class Classification:
         return ConfusionWindow(len(self.classes), device)
 
     def generate_samples(self, model: nn.Module) -> list[dict]:
-        return []  # a classifier's predictions are in the metrics
+        """A text classifier's predicted labels for the first `samples` validation texts (samples.jsonl, the
+        report: misclassified ones stand out); nothing for images, whose confusion matrix says it."""
+        val = self.splits.val if self.splits is not None else None
+        if not self.samples or not hasattr(model, "tokenizer") or val is None:
+            return []
+        items = [val[i] for i in range(min(self.samples, len(val)))]
+        inputs, targets = self.splits.collate(items)
+        model.eval()
+        with torch.inference_mode():
+            predicted = model(to_device(inputs, next(model.parameters()).device)).argmax(1).tolist()
+        return [{"prompt": model.tokenizer.decode(features["input_ids"], skip_special_tokens=True),
+                 "reference": self.classes[t], "response": self.classes[p]}
+                for (features, _), t, p in zip(items, targets.tolist(), predicted)]
 
     def predict(self, cfg: DictConfig, out_dir) -> list[dict]:
         from sft_cli.predict import predict  # PIL and the text readers: only sft-predict needs them
