@@ -20,7 +20,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def chat_args(cwd: Path) -> list[str]:
     return ["+experiment=chat_sft", "dataset.train_file=chats.jsonl", f"model.name_or_path={cwd / 'tiny-llama'}",
-            "optimizer.lr=3e-3", "trainer.batch_size=16", "trainer.progress_bar=false"]
+            "optimizer.lr=3e-3", "trainer.batch_size=16", "trainer.progress_bar=false", "report=false"]
 
 
 @pytest.fixture(scope="module")

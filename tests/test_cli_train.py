@@ -3,6 +3,7 @@
 import csv
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torchvision import models
@@ -88,6 +89,7 @@ def test_a_kill_in_the_middle_of_an_epoch_resumes_bitwise_equal_to_an_uninterrup
     assert (tmp_path / "killed" / "checkpoints" / "last" / "model.safetensors").is_file()  # source untouched
 
 
+@pytest.mark.slow  # 20 s; the chat kill test covers the DataLoader path (collated batches) in the default suite
 def test_a_kill_within_an_epoch_resumes_bitwise_on_the_dataloader_path_with_a_worker(tmp_path: Path):
     # torchvision's per-sample transforms in a DataLoader worker process, seeded from the checkpointed RNG
     args = [*FAST, "dataset.pipeline=torchvision", "trainer.max_epochs=1", "trainer.checkpoint_every_n_steps=3"]

@@ -251,6 +251,7 @@ def test_every_spelling_composes(configs, overrides, layout, tmp_path):
         inspect.signature(_locate(node._target_)).bind(run_dir=tmp_path, cfg=cfg, **kwargs)
 
 
+@pytest.mark.slow  # 25 s; the fast tests above drive the same loggers directly
 def test_a_run_with_both_trackers_logs_what_metrics_jsonl_holds_and_a_resumed_run_continues_them(tmp_path):
     """sft-train 'logger=[tensorboard,mlflow]' as a user runs it, then resume: one MLflow run, one TensorBoard
     series, each equal to the run's own metrics.jsonl."""
