@@ -50,9 +50,9 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
         console.print_class_report(info["classes"], result)
     log.info(f"wrote {out_dir / 'eval.json'}")
     try:
-        from sft_cli import report  # matplotlib, only now
+        from sft_cli.report import eval_report  # matplotlib, only now
 
-        log.info(f"report: {report.eval_report(out_dir)}")
+        log.info(f"report: {eval_report(out_dir)}")
     except Exception as error:  # the evaluation is written; a plot that fails is a warning
         log.warning(f"could not draw the report ({type(error).__name__}: {error}); sft-report {out_dir} retries")
     return report

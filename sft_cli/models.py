@@ -182,24 +182,37 @@ class CausalLM(nn.Module):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def weight_dtype(dtype: str, precision: str = "32", device: str = "cpu") -> torch.dtype:
+    """model.dtype as a torch dtype. `auto` follows trainer.precision: bfloat16 weights (and optimizer state:
+    half the memory) when training will run in bf16 on a CUDA GPU that has it natively, float32 elsewhere
+    (CPUs, older GPUs, fp16 with its grad scaler, which needs float32 weights)."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise SFTError(not_one_of("model.dtype", dtype, ["auto", *DTYPES]))
+        return DTYPES[dtype]
+    on_gpu = str(device) in ("auto", "cuda") or str(device).startswith("cuda:")
+    bf16 = precision in ("auto", "bf16-mixed") and on_gpu and torch.cuda.is_available() and \
+        torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def hf_causal_lm(name_or_path: str, weights: str | None = "pretrained", gradient_checkpointing: bool = False,
-                 dtype: str = "float32") -> CausalLM:
+                 dtype: str = "auto", precision: str = "32", device: str = "cpu") -> CausalLM:
     """Any AutoModelForCausalLM (Llama, Qwen, SmolLM, GPT-2, ...) by hub name or local folder, with its
     tokenizer. weights=null keeps the architecture and initialises it randomly (a checkpoint is loaded next).
     Stages for freezing: the input embeddings (stem), each decoder layer, then the final norm and lm_head."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    if dtype not in DTYPES:
-        raise SFTError(not_one_of("model.dtype", dtype, DTYPES))
+    torch_dtype = weight_dtype(dtype, precision, device)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         if weights:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
         else:
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), dtype=DTYPES[dtype])
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), dtype=torch_dtype)
     except (OSError, ValueError) as e:
         raise SFTError(f"model.name_or_path={name_or_path} could not be loaded as a causal LM ({type(e).__name__}: "
                        f"{str(e)[:300]}). Give a local folder saved with save_pretrained(), or run once with "

@@ -40,3 +40,21 @@ def test_layer_wise_lr_decay_shrinks_the_lr_one_factor_per_stage_below_the_top(t
 def test_a_model_that_cannot_be_found_names_the_key(tmp_path):
     with pytest.raises(SFTError, match=r"model.name_or_path=.*no-such-model.*save_pretrained"):
         models.hf_classifier(str(tmp_path / "no-such-model"), ["a", "b"])
+
+
+def test_a_causal_lm_s_weights_follow_trainer_precision_only_on_a_gpu_with_native_bf16(monkeypatch):
+    import torch
+
+    from sft_cli.models import weight_dtype
+
+    assert weight_dtype("auto", "auto", "cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert weight_dtype("auto", "auto", "auto") == weight_dtype("auto", "bf16-mixed", "cuda:0") == torch.bfloat16
+    assert weight_dtype("auto", "16-mixed", "cuda") == weight_dtype("auto", "32", "cuda") == torch.float32
+    assert weight_dtype("auto", "auto", "cpu") == torch.float32  # trainer.device=cpu on a GPU machine
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert weight_dtype("auto", "auto", "cuda") == torch.float32  # an older GPU
+    assert weight_dtype("bfloat16") == torch.bfloat16
+    with pytest.raises(SFTError, match="model.dtype='half' is not one of: auto, float32"):
+        weight_dtype("half")
