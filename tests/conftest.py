@@ -69,6 +69,22 @@ def kill_within_an_epoch(args: list[str], cwd: Path, run_dir: str = "killed", af
     return meta
 
 
+def assert_kill_and_resume_is_bitwise(args: list[str], cwd: Path) -> None:
+    """sft-train args... killed within an epoch and resumed ends with the weights and best value of the same run
+    made without a kill (args must set trainer.checkpoint_every_n_steps)."""
+    import torch
+    from safetensors.torch import load_file
+
+    kill_within_an_epoch(args, cwd)
+    ok(run_cli("sft-train", *args, "resume=killed", "hydra.run.dir=resumed", cwd=cwd))
+    ok(run_cli("sft-train", *args, "hydra.run.dir=straight", cwd=cwd))
+    resumed, straight = (load_file(cwd / run / "checkpoints" / "last" / "model.safetensors")
+                         for run in ("resumed", "straight"))
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert read_json(cwd / "resumed" / "summary.json")["best_value"] == \
+        read_json(cwd / "straight" / "summary.json")["best_value"]
+
+
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory) -> Path:
     """One finished 3-epoch run of the (cheapened) quickstart, shared by every test that reads one."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import kill_within_an_epoch, ok, read_json, run_cli
+from conftest import assert_kill_and_resume_is_bitwise, ok, read_json, run_cli
 from fixtures import CODES, chat_rows, write_tiny_llama
 
 
@@ -93,14 +93,7 @@ def test_a_kill_within_an_epoch_resumes_chat_training_bitwise(tmp_path: Path):
     write_tiny_llama(tmp_path / "tiny-llama")
     write_jsonl(tmp_path / "chats.jsonl", chat_rows(200, seed=2))
     args = [*chat_args(tmp_path), "trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=2"]
-    kill_within_an_epoch(args, tmp_path)
-    ok(run_cli("sft-train", *args, "resume=killed", "hydra.run.dir=resumed", cwd=tmp_path))
-    ok(run_cli("sft-train", *args, "hydra.run.dir=straight", cwd=tmp_path))
-    resumed, straight = (load_file(tmp_path / run / "checkpoints" / "last" / "model.safetensors")
-                         for run in ("resumed", "straight"))
-    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
-    assert read_json(tmp_path / "resumed" / "summary.json")["best_value"] == \
-        read_json(tmp_path / "straight" / "summary.json")["best_value"]
+    assert_kill_and_resume_is_bitwise(args, tmp_path)
 
 
 def test_chat_mistakes_name_the_key(tmp_path: Path):

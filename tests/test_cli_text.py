@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import kill_within_an_epoch, ok, read_json, run_cli
+from conftest import assert_kill_and_resume_is_bitwise, ok, read_json, run_cli
 from fixtures import sentiment_rows, write_tiny_bert
 
 
@@ -38,14 +38,7 @@ def test_a_kill_within_an_epoch_resumes_text_training_bitwise(tmp_path: Path):
     args = ["+experiment=text_classification", "dataset.train_file=train.tsv", "dataset.group_by_length=true",
             f"model.name_or_path={tmp_path / 'tiny-bert'}", "optimizer.lr=1e-3", "trainer.max_epochs=2",
             "trainer.batch_size=16", "trainer.progress_bar=false", "trainer.checkpoint_every_n_steps=2"]
-    kill_within_an_epoch(args, tmp_path)
-    ok(run_cli("sft-train", *args, "resume=killed", "hydra.run.dir=resumed", cwd=tmp_path))
-    ok(run_cli("sft-train", *args, "hydra.run.dir=straight", cwd=tmp_path))
-    resumed, straight = (load_file(tmp_path / run / "checkpoints" / "last" / "model.safetensors")
-                         for run in ("resumed", "straight"))
-    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
-    assert read_json(tmp_path / "resumed" / "summary.json")["best_value"] == \
-        read_json(tmp_path / "straight" / "summary.json")["best_value"]
+    assert_kill_and_resume_is_bitwise(args, tmp_path)
 
 
 def test_a_tiny_bert_learns_a_separable_labelling_with_string_labels(text_run: Path):
