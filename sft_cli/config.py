@@ -196,13 +196,15 @@ def no_cuda_reason() -> str | None:
     # driver does not list, so only a plain Linux without the NVIDIA driver's GPU list is certain.
     if not sys.platform.startswith("linux") or any(Path(p).exists() for p in ("/dev/dxg", "/dev/kfd")):
         return None
+    if any(Path("/dev").glob("nvidia[0-9]*")):  # a device node: a GPU may be there (some containers hide /proc)
+        return None
     try:
         listed = any(Path("/proc/driver/nvidia/gpus").iterdir())
     except FileNotFoundError:
         listed = False
     except OSError:
         return None
-    return None if listed else "the NVIDIA driver lists no GPU in /proc/driver/nvidia/gpus"
+    return None if listed else "there is no NVIDIA GPU device (/dev/nvidia0, ...) and the driver lists none"
 
 
 def _run_problems(cfg: DictConfig) -> list[str]:
