@@ -11,10 +11,13 @@ optimizer:
       DataLoader. Text: the batch is tokenized and padded to max_length at every step;
   (c) sft-cli's recipe, sft_cli.train.train() as sft-train runs it. Its samples/s come from the run's
       metrics.jsonl;
-  (d) the data pipeline alone (the model is replaced by the identity).
+  (d) text only: the Hugging Face transformers.Trainer on the same tokenized examples, with
+      DataCollatorWithPadding, the same lr, weight decay, linear warmup/decay and gradient clipping (its
+      default max_grad_norm=1.0, which the text recipe also uses); timed by a callback at the same steps;
+  (e) the data pipeline alone (the model is replaced by the identity).
 The data are synthetic: a CIFAR-10-format pickle folder, or a TSV of random sentences, in a temp folder.
 Each figure is the median of --repeats windows of --steps steps, after warm-up, and CUDA is synchronised
-before every clock read. (a) is timed half before (b) and half after (c), so that a machine whose speed
+before every clock read. (a) is timed half before (b) and half after (c) (and (d)), so that a machine whose speed
 drifts (a shared CPU does, by 10% or more) does not bias c/a.
 """
 
@@ -25,7 +28,6 @@ import itertools
 import json
 import math
 import pickle
-import resource
 import shutil
 import statistics
 import subprocess
@@ -87,18 +89,6 @@ def reset_peak_memory(device: torch.device) -> None:
             Path("/proc/self/clear_refs").write_text("5")
 
 
-def peak_memory(device: torch.device) -> int:
-    """Bytes: CUDA's max_memory_allocated, else this process's peak RSS (DataLoader workers not included)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
 def forever(loader):
     while True:
         yield from loader
@@ -121,7 +111,8 @@ def time_windows(step, batches, args, device, windows: int | None = None) -> lis
 
 
 def measured(rates: list[float], device: torch.device) -> dict:
-    return {"samples_per_s": statistics.median(rates), "windows": rates, "peak_memory_bytes": peak_memory(device)}
+    return {"samples_per_s": statistics.median(rates), "windows": rates,
+            "peak_memory_bytes": runtime.peak_memory(device)}
 
 
 def bracketing(before: dict, after: dict | None) -> dict:
@@ -167,10 +158,12 @@ def _pickle(path: Path, obj: dict) -> None:
 
 
 def write_sentences(path: Path, n: int, seq_len: int, seed: int = 0) -> Path:
-    """text<TAB>label rows of random words; lengths are long-tailed (mean about seq_len / 4, some longer
-    than seq_len), as real sentences are, so padding per batch and to max_length differ."""
+    """text<TAB>label rows of random words, seq_len / 8 to seq_len / 2 words long (uniformly): short, as
+    sentences are, so padding each batch to its longest (about seq_len / 2) and to max_length differ. Every
+    batch pads to about the same length, so windows of different batches (and loops) do the same work; a
+    long tail (some longer than max_length) made the padded length of 50-step windows vary by 10-15%."""
     rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.exponential(seq_len / 4, size=n).astype(int), 3, int(seq_len * 1.2))
+    lengths = rng.integers(max(3, seq_len // 8), seq_len // 2 + 1, size=n)
     lines = ["text\tlabel"]
     for i, length in enumerate(lengths):
         words = rng.choice(WORDS[8:], size=length)
@@ -216,12 +209,17 @@ def model_and_step(cfg, classes, device):
     optimizer = optim.build_optimizer(cfg.optimizer, cfg.param_groups, model, models.head_name(model))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "16-mixed")
     criterion = nn.CrossEntropyLoss()
+    clip = cfg.trainer.gradient_clip_norm
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
     def step(batch) -> int:
         inputs, targets = to_device(batch[0], device), batch[1].to(device, non_blocking=True)
         with runtime.autocast(device, cfg.trainer.precision):
             loss = criterion(model(inputs), targets)
         scaler.scale(loss).backward()
+        if clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(trainable, clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -293,8 +291,54 @@ def recipe(cfg, work: Path, device) -> tuple[dict, Path]:
     return measured(rates, device), run_dir / "checkpoints" / "best"
 
 
+def hf_trainer(cfg, splits, args, device) -> dict | None:
+    """(d) transformers.Trainer as its users run it: the same tokenized examples, DataCollatorWithPadding, the
+    same optimizer settings and schedule. A callback reads the clock at the same steps as (a) and (c)."""
+    try:
+        import accelerate  # noqa: F401  (the Trainer refuses to start without it)
+        from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
+                                  TrainerCallback, TrainingArguments)
+    except ImportError as e:
+        print(f"   (d) skipped: the Hugging Face Trainer needs transformers and accelerate ({e}); "
+              'pip install -e ".[dev]"')
+        return None
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    t, steps = cfg.trainer, args.steps
+    examples = [{**features, "labels": label} for features, label in map(splits.train.__getitem__,
+                                                                           range(len(splits.train)))]
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(cfg.model.name_or_path, num_labels=len(splits.classes))
+    total = (args.repeats + 1) * steps  # what the recipe runs: its schedule and (d)'s are the same
+    warmup = round(cfg.scheduler.warmup_epochs * math.ceil(len(splits.train) / args.batch_size))
+    marks = {args.warmup + k * steps for k in range(args.repeats + 1)}
+    clock: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, _args, state, control, **kwargs):
+            if state.global_step in marks:
+                sync(device)
+                clock.append(time.perf_counter())
+
+    settings = TrainingArguments(
+        output_dir=str(Path(cfg.dataset.cache_dir).parent / "hf_trainer"), per_device_train_batch_size=args.batch_size,
+        learning_rate=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, adam_beta1=cfg.optimizer.betas[0],
+        adam_beta2=cfg.optimizer.betas[1], lr_scheduler_type="linear", warmup_steps=warmup, max_steps=total,
+        max_grad_norm=t.gradient_clip_norm or 0.0, logging_steps=steps, save_strategy="no", eval_strategy="no",
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=0, use_cpu=device.type == "cpu",
+        bf16=args.precision == "bf16-mixed", fp16=args.precision == "16-mixed")
+    trainer = Trainer(model=model, args=settings, train_dataset=examples,
+                      data_collator=DataCollatorWithPadding(splits.collate.tokenizer), callbacks=[Clock()])
+    reset_peak_memory(device)
+    with quiet():
+        trainer.train()
+    rates = [steps * args.batch_size / (b - a) for a, b in zip(clock, clock[1:])]
+    return measured(rates, device)
+
+
 def pipeline_alone(loader, args, device) -> dict:
-    """(d) The batches alone, delivered on the device, with the model replaced by the identity."""
+    """(e) The batches alone, delivered on the device, with the model replaced by the identity."""
     def step(batch) -> int:
         to_device(batch[0], device)
         return len(batch[1])
@@ -324,7 +368,7 @@ def predict_throughput(ckpt: Path, inputs: Path, count: int, args, device) -> fl
 
     ConfigStore.instance().store(name="_checkpoint_", node=checkpoint.load_config(ckpt))
     cfg = compose_config("predict", [f"checkpoint={ckpt}", f"input={inputs}", f"trainer.device={device}",
-                                     f"output={ckpt.parents[2] / 'predictions.csv'}"])
+                                     f"output={ckpt.parents[2] / 'predictions.csv'}", "overwrite=true"])
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -401,11 +445,11 @@ def bench_vision(args, device, work: Path) -> dict:
                       "test images")
     chosen = "fast" if hasattr(fast.train, "loader") else "torchvision"
     result["recipe_pipeline"] = f"{cfg.dataset.pipeline} -> {chosen}"
-    result["d_pipeline_fast"] = pipeline_alone(make_loader(fast, "train", b, LoaderOptions(device, args.num_workers)),
+    result["e_pipeline_fast"] = pipeline_alone(make_loader(fast, "train", b, LoaderOptions(device, args.num_workers)),
                                                args, device)
     del fast
     per_sample = config.build(cfg.dataset, pipeline="torchvision")
-    result["d_pipeline_torchvision"] = pipeline_alone(
+    result["e_pipeline_torchvision"] = pipeline_alone(
         make_loader(per_sample, "train", b, LoaderOptions(device, args.num_workers)), args, device)
     result["eval_samples_per_s"] = eval_throughput(ckpt, args, device)
     images = work / "predict_images"
@@ -444,10 +488,11 @@ def bench_text(args, device, work: Path) -> dict:
     first_half = minimal_loop(cfg, args, device, math.ceil(args.repeats / 2))  # and the rest after (b) and (c)
     result["b_naive"] = naive_text_loop(cfg, rows, splits.classes, args, device)
     result["c_sft_cli"], ckpt = recipe(cfg, work, device)
+    result["d_hf_trainer"] = hf_trainer(cfg, splits, args, device)
     result["a_minimal"] = bracketing(first_half, minimal_loop(cfg, args, device, args.repeats // 2))
-    result["d_pipeline_sft_cli"] = pipeline_alone(
+    result["e_pipeline_sft_cli"] = pipeline_alone(
         make_loader(splits, "train", b, LoaderOptions(device)), args, device)
-    result["d_pipeline_naive"] = pipeline_alone(naive_text_batches(cfg, rows, splits.classes, args), args, device)
+    result["e_pipeline_naive"] = pipeline_alone(naive_text_batches(cfg, rows, splits.classes, args), args, device)
     result["eval_samples_per_s"] = eval_throughput(ckpt, args, device)
     texts = work / "predict_texts.txt"
     texts.write_text("\n".join(text for text, _ in rows[:256]) + "\n")
@@ -461,8 +506,9 @@ def bench_text(args, device, work: Path) -> dict:
     result["tokens_per_sample"] = lengths.mean().item()
     result["padded_length_dynamic"] = statistics.mean(batch_max)
     result["padded_length_max_length"] = args.seq_len
-    for key in ("a_minimal", "b_naive", "c_sft_cli"):
-        result[key]["tokens_per_s"] = result[key]["samples_per_s"] * result["tokens_per_sample"]
+    for key in ("a_minimal", "b_naive", "c_sft_cli", "d_hf_trainer"):
+        if result[key] is not None:
+            result[key]["tokens_per_s"] = result[key]["samples_per_s"] * result["tokens_per_sample"]
     return finish(result)
 
 
@@ -476,7 +522,9 @@ def common_overrides(args, device) -> list[str]:
 def finish(result: dict) -> dict:
     a, b, c = (result[k]["samples_per_s"] for k in ("a_minimal", "b_naive", "c_sft_cli"))
     result["c_over_a"], result["c_over_b"] = c / a, c / b
-    for key in [k for k in result if k.startswith("d_pipeline")]:
+    if result.get("d_hf_trainer"):
+        result["c_over_d"] = c / result["d_hf_trainer"]["samples_per_s"]
+    for key in [k for k in result if k.startswith("e_pipeline")]:
         result[key]["times_a_model_step"] = result[key]["samples_per_s"] / a
     return result
 
@@ -498,19 +546,23 @@ def report(r: dict, args, device) -> None:
              else "(b) naive: tokenize + pad to max_length every batch"),
             ("c_sft_cli", f"(c) sft-cli recipe (dataset.pipeline={r['recipe_pipeline']})" if r["task"] == "vision"
              else "(c) sft-cli recipe (tokenized once, padded per batch)")]
-    for key, label in rows:
+    if r["task"] == "text":
+        rows.append(("d_hf_trainer", "(d) transformers.Trainer + DataCollatorWithPadding"))
+    for key, label in [(k, label) for k, label in rows if r[k] is not None]:
         spread = f"({min(r[key]['windows']):.0f}-{max(r[key]['windows']):.0f})"
         print(f"   {label:<64}{r[key]['samples_per_s']:>11.1f}{spread:>18}"
               f"{r[key]['peak_memory_bytes'] / gib:>16.2f} GiB")
-    print(f"   c/a = {r['c_over_a']:.3f} (target >= 0.97)    c/b = {r['c_over_b']:.2f}")
+    print(f"   c/a = {r['c_over_a']:.3f} (target >= 0.97)    c/b = {r['c_over_b']:.2f}"
+          + (f"    c/d = {r['c_over_d']:.3f} (target >= 1.0)" if "c_over_d" in r else ""))
     if r["task"] == "text":
         print(f"   tokens/s (real tokens, {r['tokens_per_sample']:.1f} per sample): "
               f"(a) {r['a_minimal']['tokens_per_s']:.0f}, (b) {r['b_naive']['tokens_per_s']:.0f} padded to "
               f"{r['padded_length_max_length']}, (c) {r['c_sft_cli']['tokens_per_s']:.0f} with dynamic padding "
-              f"(batches pad to {r['padded_length_dynamic']:.1f} on average)")
+              f"(batches pad to {r['padded_length_dynamic']:.1f} on average)"
+              + (f", (d) {r['d_hf_trainer']['tokens_per_s']:.0f}" if r["d_hf_trainer"] else ""))
     print("   data pipeline alone (model = identity), on the device:")
-    for key in [k for k in r if k.startswith("d_pipeline")]:
-        name = key.removeprefix("d_pipeline_")
+    for key in [k for k in r if k.startswith("e_pipeline")]:
+        name = key.removeprefix("e_pipeline_")
         print(f"     {name:<21}{r[key]['samples_per_s']:>11.0f} samples/s = {r[key]['times_a_model_step']:.1f}x "
               f"the samples/s of a {r['model'] if r['task'] == 'vision' else 'model'} step (a)"
               + ("  (target >= 10x)" if name == "fast" else ""))

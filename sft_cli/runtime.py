@@ -66,3 +66,19 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if len(state.get("cuda", [])) == torch.cuda.device_count() > 0:  # else saved on another GPU count: fresh
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def peak_memory(device: torch.device) -> int:
+    """Bytes: the most CUDA memory allocated on `device`, else this process's peak resident memory (Linux's
+    VmHWM; ru_maxrss elsewhere). DataLoader workers are other processes and are not counted."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with contextlib.suppress(OSError):
+        for line in open("/proc/self/status").read().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
