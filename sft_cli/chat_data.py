@@ -135,7 +135,11 @@ def chat_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
         val_rows = [train_rows[kept[i]] for i in held_out]
         train, val = train.subset(keep), train.subset(held_out)
     test = None
-    if "test_file" in files:
+    same = "test_file" in files and "val_file" in files and \
+        files["test_file"][0].resolve() == files["val_file"][0].resolve()
+    if same:
+        test = val  # one file: the recipe then evaluates it once (train.test_best)
+    elif "test_file" in files:
         path, _, rows, _ = files["test_file"]
         test = _tokenized(path, rows, how)[0]
     samples = [_prompt_and_response(row[1], fmt) for row in val_rows[:4]]

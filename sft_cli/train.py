@@ -25,7 +25,8 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.optim.lr_scheduler import OneCycleLR, ReduceLROnPlateau
 
-from sft_cli import checkpoint, config, console, data, distributed, freeze, loggers, metrics, models, optim, runtime
+from sft_cli import (adapters, checkpoint, config, console, data, distributed, freeze, loggers, metrics, models, optim,
+                     runtime)
 from sft_cli.errors import SFTError
 from sft_cli.task import Task
 
@@ -44,6 +45,7 @@ class TrainState:
     best_epoch: int | None = None  # ... and the epoch that reached it
     bad_validations: int = 0       # validations in a row without improvement (early stopping)
     elapsed: float = 0.0           # seconds of training, over every resume
+    best_result: dict | None = None  # the best validation's whole result: a test split that is the val split reuses it
 
     def to_checkpoint(self) -> dict:
         return asdict(self)
@@ -117,7 +119,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     # Model and freezing: the policy says which stages train in each epoch
     log.info(f"model <{cfg.model._target_}> {cfg.model.get('name', cfg.model.get('name_or_path', ''))} "
              f"(weights: {cfg.model.get('weights')})")
-    model = _place(task.model(cfg.model), t, device, ctx)
+    model = _place(adapters.apply(task.model(cfg.model), cfg.get("adapter")), t, device, ctx)  # adapter=lora: peft
     policy = config.build(cfg.freeze)
     frozen = _frozen_stages(policy, model, 0)
     freeze.apply(model, model.sft_stages, frozen)
@@ -170,12 +172,9 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
 
     # Test the best checkpoint on the held-out split, then write the summary
     best_dir = run_dir / "checkpoints" / "best"
-    if ctx.is_main:
-        checkpoint.load_weights(best_dir, model)
-    distributed.broadcast_module(model, ctx)
     test = None
     if splits.test is not None:
-        details = evaluate(task, model, data.make_loader(splits, "test", eval_batch, loading), device, t.precision)
+        details = test_best(run, model, splits, state, data.make_loader(splits, "test", eval_batch, loading))
         test = {k: details[k] for k in (*task.metrics, "samples")}
         if ctx.is_main:  # per-class scores and the confusion matrix, for reports
             (run_dir / "test.json").write_text(json.dumps({**task.info(), **details}, indent=2))
@@ -183,7 +182,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                "monitor": t.monitor, "mode": config.mode_of(t), "best_value": state.best,
                "best_epoch": state.best_epoch, "epochs": state.epoch, "steps": state.step, "test": test,
                "wall_time_s": round(time.perf_counter() - run.started, 2), "device": str(device),
-               "processes": ctx.world_size,
+               "processes": ctx.world_size, "peak_memory_bytes": runtime.peak_memory(device),
                "trainable_params": sum(r[1] for r in counts), "total_params": sum(r[2] for r in counts),
                "checkpoint": str(best_dir.absolute()), "run_dir": str(run_dir.absolute())}
     if ctx.is_main:
@@ -365,7 +364,7 @@ def validate(run: Run, learner: Learner, loader, state: TrainState, row: dict) -
     sign = 1 if config.mode_of(t) == "max" else -1
     improved = state.best is None or sign * (value - state.best) > 0
     if improved:
-        state.best, state.best_epoch, state.bad_validations = value, state.epoch, 0
+        state.best, state.best_epoch, state.bad_validations, state.best_result = value, state.epoch, 0, val
     else:
         state.bad_validations += 1
     run.files.record({"epoch": state.epoch, "step": state.step, "split": "val",
@@ -377,6 +376,20 @@ def validate(run: Run, learner: Learner, loader, state: TrainState, row: dict) -
              f"val {_shown(row, 'val_', names)} | {row['train_samples_per_s']:.0f} samples/s"
              f"{'  (best)' if improved else ''}")
     return improved
+
+
+def test_best(run: Run, model: nn.Module, splits: data.Splits, state: TrainState, loader) -> dict:
+    """The best checkpoint's result on the test split. A test split that is the validation split (the same
+    file) was evaluated with the best weights already: that result is reused, not computed twice. The best
+    weights are loaded only when the model does not hold them (the last validation was not the best)."""
+    if splits.test is splits.val and state.best_result is not None:
+        log.info("the test split is the validation split: its result is the best validation's (one pass, not two)")
+        return state.best_result
+    if state.best_epoch != state.epoch:
+        if run.ctx.is_main:
+            checkpoint.load_weights(run.run_dir / "checkpoints" / "best", model)
+        distributed.broadcast_module(model, run.ctx)
+    return evaluate(run.task, model, loader, run.device, run.cfg.trainer.precision)
 
 
 def write_samples(run: Run, model: nn.Module, state: TrainState) -> None:
