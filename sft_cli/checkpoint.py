@@ -76,10 +76,15 @@ def _write(tmp: Path, model: nn.Module, state: dict, config: DictConfig, meta: d
     import torch
     from safetensors.torch import save_file
 
+    from sft_cli import adapters
+
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    adapted = hasattr(model, "sft_trainable")  # a LoRA adapter: its tensors and the new head, not the base
+    if adapted:
+        meta = {**meta, "adapter_base": model.sft_base_record}
     weights, seen = {}, set()
-    for key, value in model.state_dict().items():
+    for key, value in (adapters.adapter_weights(model) if adapted else model.state_dict()).items():
         value = value.detach().contiguous().cpu()
         if value.data_ptr() in seen:  # tied weights (a language model's embeddings and lm_head): safetensors
             value = value.clone()     # refuses tensors that share memory, so the second one is a copy
@@ -295,6 +300,10 @@ def load_weights(ckpt: Path, model: nn.Module) -> None:
     from safetensors.torch import load_file
 
     weights = _read(ckpt, MODEL_FILE, lambda p: load_file(p))
+    if hasattr(model, "sft_trainable"):
+        from sft_cli import adapters
+
+        return adapters.load_adapter_weights(model, weights, ckpt / MODEL_FILE)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
@@ -334,11 +343,29 @@ def load_model(cfg: DictConfig, ckpt: Path, device: torch.device):
     from sft_cli.config import build
 
     task = build(cfg.task)
-    task.set_info(load_meta(ckpt))
+    meta = load_meta(ckpt)
+    task.set_info(meta)
     if (ckpt / "hf").is_dir():
-        cfg.model.name_or_path = str(ckpt / "hf")
         if "tokenizer" in cfg.dataset:
             cfg.dataset.tokenizer = str(ckpt / "hf")
-    model = task.model(cfg.model, pretrained=False)
+        if not cfg.get("adapter"):
+            cfg.model.name_or_path = str(ckpt / "hf")
+    model = _adapted_base(cfg, task, meta, ckpt) if cfg.get("adapter") else task.model(cfg.model, pretrained=False)
     load_weights(ckpt, model)
     return task, model.to(device).eval()
+
+
+def _adapted_base(cfg: DictConfig, task, meta: dict, ckpt: Path):
+    """An adapter checkpoint's model before its weights load: the pretrained base it names, checked against the
+    fingerprint it recorded, with the same adapter injected."""
+    from sft_cli import adapters
+
+    recorded = meta.get("adapter_base") or {}
+    key = "model.name_or_path" if "name_or_path" in cfg.model else "model.weights"
+    try:
+        model = task.model(cfg.model, pretrained=True)
+    except SFTError as e:
+        raise SFTError(f"{adapters.missing_base(recorded, ckpt, key)}\n  ({e})") from e
+    adapters.apply(model, cfg.adapter)
+    adapters.check_base(recorded, model, ckpt, key)
+    return model

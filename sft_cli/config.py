@@ -1,5 +1,6 @@
 """Where the configs live, the typed trainer schema, and check(cfg): every cross-key problem at once."""
 
+import importlib.util
 import os
 import re
 import sys
@@ -133,7 +134,7 @@ def check(cfg: DictConfig) -> None:
     problems = _trainer_problems(cfg.trainer) + _run_problems(cfg)
     from sft_cli import loggers  # torch-free: finds the trackers' packages without importing them
 
-    problems += loggers.check(cfg.get("logger"))
+    problems += loggers.check(cfg.get("logger")) + _adapter_problems(cfg)
     if problems:
         raise SFTError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -205,6 +206,20 @@ def no_cuda_reason() -> str | None:
     except OSError:
         return None
     return None if listed else "there is no NVIDIA GPU device (/dev/nvidia0, ...) and the driver lists none"
+
+
+def _adapter_problems(cfg: DictConfig) -> list[str]:
+    adapter = cfg.get("adapter")
+    if not adapter:
+        return []
+    problems = []
+    if importlib.util.find_spec("peft") is None:
+        problems.append("adapter=lora needs Hugging Face peft, which is not installed: pip install \"sft-cli[peft]\" "
+                        "(or train without adapters: adapter=none)")
+    if cfg.model.get("weights", "pretrained") is None:
+        problems.append("adapter=lora with model.weights=null: an adapter on a randomly initialised base cannot be "
+                        "loaded again (the base is not saved). Start from pretrained weights, or use adapter=none.")
+    return problems
 
 
 def _run_problems(cfg: DictConfig) -> list[str]:

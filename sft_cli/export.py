@@ -1,6 +1,9 @@
-"""sft-export: a transformers checkpoint (a text classifier or a causal LM) as a save_pretrained() folder that
-plain `transformers` loads, with its tokenizer (and chat template)."""
+"""sft-export: a checkpoint as files other tools load. A transformers model becomes a save_pretrained() folder
+(model, tokenizer, chat template) that plain `transformers` loads; a LoRA adapter is merged into its base first
+(merge=true), or written as the peft adapter folder that `PeftModel.from_pretrained(base, folder)` loads
+(merge=false). A torchvision model with an adapter becomes its merged state dict (model.safetensors)."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -14,19 +17,47 @@ log = logging.getLogger("sft_cli.export")
 
 
 def export(cfg: DictConfig) -> Path:
-    """Save a transformers checkpoint as a save_pretrained() folder (model + tokenizer) at cfg.output."""
+    """Write the checkpoint cfg.checkpoint to the new or empty folder cfg.output; return it."""
     out = Path(cfg.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         what = "is a file" if not out.is_dir() else "exists and is not empty"
         raise SFTError(f"output={out} {what}: output must be a new or empty folder (nothing is overwritten)")
     ckpt = checkpoint.resolve(cfg.checkpoint)
-    if not (ckpt / "hf").is_dir():
+    adapter, merge = bool(cfg.get("adapter")), cfg.get("merge", True)
+    if not adapter and not (ckpt / "hf").is_dir():
         raise SFTError(f"{ckpt} holds a torchvision model: its weights are already a plain safetensors file, "
-                       f"{ckpt / checkpoint.MODEL_FILE}; sft-export is for transformers models.")
+                       f"{ckpt / checkpoint.MODEL_FILE}; sft-export is for transformers models and adapters.")
+    if not adapter and not merge:
+        raise SFTError(f"merge=false writes a LoRA adapter folder, and {ckpt} holds no adapter (it was trained with "
+                       "adapter=none): leave merge at its default, true.")
     _, model = checkpoint.load_model(cfg, ckpt, torch.device("cpu"))
-    model.model.save_pretrained(out)
-    model.tokenizer.save_pretrained(out)
-    auto = "AutoModelForCausalLM" if model.model.config.architectures and \
-        model.model.config.architectures[0].endswith("ForCausalLM") else "AutoModelForSequenceClassification"
-    log.info(f"exported to {out}: transformers' {auto}.from_pretrained('{out}') loads it")
+    tokenizer = getattr(model, "tokenizer", None)
+    if adapter and not merge:
+        model.sft_peft.save_pretrained(out)  # adapter_config.json, adapter_model.safetensors (and a new head)
+        _save_tokenizer(tokenizer, out)
+        log.info(f"exported the LoRA adapter to {out}: peft's PeftModel.from_pretrained(<base model>, '{out}') "
+                 f"loads it onto its base, {model.sft_base_record['source']}")
+        return out
+    merged = model.sft_peft.merge_and_unload() if adapter else model.model
+    if tokenizer is None:  # torchvision: the merged model's state dict, which torchvision's model of `name` loads
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        classes = checkpoint.load_meta(ckpt).get("classes")
+        save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, out / checkpoint.MODEL_FILE,
+                  metadata={"format": "pt", "classes": json.dumps(classes)})
+        log.info(f"exported the merged weights to {out / checkpoint.MODEL_FILE}: torchvision.models.get_model("
+                 f"'{cfg.model.name}', num_classes={len(classes)}).load_state_dict(...) loads them")
+        return out
+    merged.save_pretrained(out)
+    _save_tokenizer(tokenizer, out)
+    auto = "AutoModelForCausalLM" if merged.config.architectures and \
+        merged.config.architectures[0].endswith("ForCausalLM") else "AutoModelForSequenceClassification"
+    log.info(f"exported {'the base model with its adapter merged ' if adapter else ''}to {out}: transformers' "
+             f"{auto}.from_pretrained('{out}') loads it")
     return out
+
+
+def _save_tokenizer(tokenizer, out: Path) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)

@@ -102,16 +102,20 @@ class Gradual:
 
 
 def apply(model: nn.Module, stages: list[Stage], frozen: list[str]) -> None:
-    """Set requires_grad by stage and put the model in train mode, with frozen BatchNorm layers in eval
-    mode so they keep their (pretrained) running statistics. Call it at the start of every epoch."""
+    """Set requires_grad by stage and put the model in train mode, with BatchNorm layers whose weights do not
+    train in eval mode so they keep their (pretrained) running statistics. Call it at the start of every epoch.
+    With an adapter (model.sft_trainable) only the parameters it names train, in the stages not frozen."""
     model.train()
+    allowed = getattr(model, "sft_trainable", None)
+    trainable = None if allowed is None else {id(p) for n, p in model.named_parameters() if n in allowed}
     for stage in stages:
         is_frozen = stage[0] in frozen
         for p in _parameters(model, stage):
-            p.requires_grad_(not is_frozen)
-        for member in _members(model, stage) if is_frozen else ():
+            p.requires_grad_(not is_frozen and (trainable is None or id(p) in trainable))
+        for member in _members(model, stage):
             for m in member.modules() if isinstance(member, nn.Module) else ():
-                if isinstance(m, _BatchNorm):
+                if isinstance(m, _BatchNorm) and (is_frozen or trainable is not None and
+                                                  not any(p.requires_grad for p in m.parameters())):
                     m.eval()
 
 

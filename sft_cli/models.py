@@ -79,6 +79,10 @@ def torchvision_classifier(name: str, classes: list[str], weights: str | None = 
         created |= {"conv1", "bn1"}
     model.sft_stages = stage_names(model, stem, expand)
     model.sft_new_stages = [name for name, members in model.sft_stages if set(members) <= created]
+    if weights:  # where the base weights came from, which an adapter checkpoint needs (adapters.base_record)
+        file = Path(weights) if is_file else Path(torch.hub.get_dir()) / "checkpoints" / \
+            Path(models.get_model_weights(name)[weights].url).name
+        model.sft_base = {"source": str(file.absolute()), "files": [file] if file.is_file() else []}
     return model
 
 
@@ -131,7 +135,24 @@ def hf_classifier(name_or_path: str, classes: list[str], weights: str | None = "
         model.config.pad_token_id = tokenizer.pad_token_id
     wrapper = TextClassifier(model, tokenizer)
     _set_transformer_stages(wrapper, {f"model.{n}" for n in created})
+    wrapper.sft_base = _base(name_or_path) if weights else None
     return wrapper
+
+
+def _base(name_or_path: str) -> dict:
+    """model.sft_base of a transformers model: its folder (or hub name) and weights files, where on disk."""
+    from sft_cli.adapters import weights_files
+
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        try:  # a hub name: the cached download, if there is one
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(name_or_path, local_files_only=True))
+        except Exception:
+            return {"source": name_or_path, "files": []}
+    return {"source": str(folder.absolute()) if Path(name_or_path).is_dir() else name_or_path,
+            "files": weights_files(folder)}
 
 
 def _set_transformer_stages(wrapper: nn.Module, created: set[str]) -> None:
@@ -154,8 +175,9 @@ def _set_transformer_stages(wrapper: nn.Module, created: set[str]) -> None:
     wrapper.sft_top_stages = [name for name, _ in wrapper.sft_stages[last_block + 1:]]  # lr-decay depth 0
     params = [n for n, _ in wrapper.named_parameters()]
 
-    def is_new(members: list[str]) -> bool:
-        return all(n in created for n in params if any(n == m or n.startswith(m + ".") for m in members))
+    def is_new(members: list[str]) -> bool:  # a tied lm_head owns no parameter of its own: not new
+        own = [n for n in params if any(n == m or n.startswith(m + ".") for m in members)]
+        return bool(own) and all(n in created for n in own)
 
     wrapper.sft_new_stages = [name for name, members in wrapper.sft_stages if is_new(members)]
 
@@ -223,4 +245,5 @@ def hf_causal_lm(name_or_path: str, weights: str | None = "pretrained", gradient
         model.gradient_checkpointing_enable()  # recompute activations in backward: less memory, ~30% slower
     wrapper = CausalLM(model, tokenizer)
     _set_transformer_stages(wrapper, set() if weights else {f"model.{n}" for n, _ in model.named_parameters()})
+    wrapper.sft_base = _base(name_or_path) if weights else None
     return wrapper

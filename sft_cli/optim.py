@@ -9,6 +9,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
 
 from sft_cli.config import build
+from sft_cli.errors import SFTError
 
 
 def param_groups(model: nn.Module, head: str, lr: float, weight_decay: float, head_lr: float | None,
@@ -19,7 +20,8 @@ def param_groups(model: nn.Module, head: str, lr: float, weight_decay: float, he
     (layer-wise lr decay, the standard BERT/ViT fine-tuning recipe), the stage k stages below the top
     (model.sft_stages) trains at lr x layer_decay**k. Each group's `lr_scale` is its lr / optimizer.lr.
     Frozen parameters are included so that gradual unfreezing can wake them up; optimizers skip a
-    parameter whose .grad is None, so they cost nothing while frozen."""
+    parameter whose .grad is None, so they cost nothing while frozen. An adapter's base weights, which never
+    train, are left out (model.sft_trainable)."""
     depth = {}  # parameter name -> stages below the top
     if layer_decay is not None:
         # the top is the head, or for transformers everything above the last encoder layer (pooler too)
@@ -31,7 +33,10 @@ def param_groups(model: nn.Module, head: str, lr: float, weight_decay: float, he
                     if name == member or name.startswith(member + "."):
                         depth[name] = k
     groups: dict[tuple[bool, bool, int], list[nn.Parameter]] = {}
+    allowed = getattr(model, "sft_trainable", None)  # an adapter's: the base weights never train
     for name, p in model.named_parameters():
+        if allowed is not None and name not in allowed:
+            continue
         is_head = name.startswith(head + ".")
         groups.setdefault((is_head, p.ndim <= 1, depth.get(name, 0)), []).append(p)
     return [{"params": params,
@@ -46,7 +51,13 @@ def build_optimizer(cfg: DictConfig, groups: DictConfig, model: nn.Module, head:
     """instantiate(configs/optimizer/*) over param_groups(): `groups` is sft-cli's own node (train.yaml's
     param_groups: head_lr, layer_decay), kept apart from the torch.optim constructor's arguments."""
     params = param_groups(model, head, cfg.lr, cfg.get("weight_decay", 0.0), groups.head_lr, groups.layer_decay)
-    return build(cfg, params=params)
+    try:
+        return build(cfg, params=params)
+    except SFTError as e:
+        if cfg.get("fused") and "fused" in str(e):  # a device (or torch build) without the fused kernel
+            raise SFTError(f"optimizer.fused=true is not supported here ({str(e)[:200]}): set "
+                           "optimizer.fused=false") from e
+        raise
 
 
 def _warmup_then(optimizer, warmup_steps: int, after) -> LambdaLR:

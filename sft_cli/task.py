@@ -13,6 +13,10 @@ The model a task builds is an nn.Module with these attributes, set by its builde
     sft_top_stages   optional: the stages at depth 0 for layer_decay (default: the last stage).
     save_extras(dir) optional: writes what rebuilds the model without its source (a transformers config
                      and tokenizer in dir/hf); checkpoints call it.
+    sft_base         optional: {"source": folder, file or hub name, "files": [weights files]} where the
+                     pretrained weights came from: an adapter checkpoint names and fingerprints its base.
+
+adapters.apply (adapter=lora) then adds `sft_trainable`, the parameter names that may train at all.
 """
 
 from typing import Any, Protocol

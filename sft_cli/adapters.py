@@ -1,0 +1,185 @@
+"""LoRA adapters through Hugging Face peft (configs/adapter/lora.yaml; pip install "sft-cli[peft]").
+
+adapter=lora freezes the base model's weights and adds trainable low-rank matrices beside its Linear (and, for
+torchvision models, Conv) layers; the layers made from scratch (a classifier's head, a new stem) train in full
+and are saved with the adapter (peft's modules_to_save). peft injects its layers in place, so the model keeps
+its module names, stages and forward; `model.sft_trainable` names what may train, and freeze policies still
+decide, stage by stage, whether it does. A checkpoint then holds only those tensors and names its base model
+(base_record / check_base), which sft-eval, sft-predict and sft-export load again.
+"""
+
+import hashlib
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+from torch import nn
+
+from sft_cli import config
+from sft_cli.errors import SFTError
+
+log = logging.getLogger(__name__)
+# layers peft can adapt; transformers' GPT-2 style Conv1D is matched by name (transformers may be absent)
+ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass
+class LoRA:
+    """configs/adapter/lora.yaml: the rank, scale (alpha / r), dropout, which layers, and biases."""
+
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # None: every adaptable layer but the new head(s) and the LM head
+    bias: str = "none"                        # none, all, lora_only: which biases train too
+    modules_to_save: list[str] = field(default_factory=list)  # more modules trained in full and saved
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise SFTError(f"adapter.r={self.r!r} must be a whole number >= 1 (e.g. adapter.r=16)")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise SFTError(f"adapter.bias={self.bias!r} must be one of none, all, lora_only")
+        if not 0 <= self.dropout < 1:
+            raise SFTError(f"adapter.dropout={self.dropout} must be in [0, 1)")
+
+
+def apply(model: nn.Module, adapter: DictConfig | None) -> nn.Module:
+    """Inject the configured adapter (configs/adapter/) into `model` in place (nothing for adapter=none) and
+    record what may train in model.sft_trainable and the base it needs in model.sft_base_record. The peft
+    model that wraps it is kept as model.sft_peft (for export: save_pretrained, merge_and_unload)."""
+    if not adapter:
+        return model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise SFTError(f"adapter=lora needs Hugging Face peft, which could not be imported ({e}): "
+                       "pip install \"sft-cli[peft]\"") from e
+    lora = config.build(adapter)
+
+    root, prefix = _root(model)
+    new = [s[len(prefix):] for s in model.sft_new_stages if s.startswith(prefix)]
+    targets = _targets(root, lora.target_modules, exclude=new + _output_layers(root))
+    in_full = new + list(lora.modules_to_save)
+    settings = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                          bias=lora.bias, modules_to_save=in_full or None)
+    with warnings.catch_warnings():  # transformers' deprecation notes about what peft calls
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(root, settings)
+    model.__dict__["sft_peft"] = peft_model  # not a submodule: it holds `root`, which `model` already holds
+    model.sft_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    model.sft_base_record = base_record(model)
+    kinds = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    log.info(f"adapter: LoRA r={lora.r} alpha={lora.alpha} on {len(targets)} layers ({', '.join(kinds[:8])}"
+             f"{', ...' if len(kinds) > 8 else ''}); trained in full and saved with it: {in_full}")
+    return model
+
+
+def _root(model: nn.Module) -> tuple[nn.Module, str]:
+    """What peft wraps: a transformers model held by our wrapper (TextClassifier, CausalLM) as .model, or a
+    torchvision model itself; and its name prefix inside `model`."""
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module) and hasattr(inner, "config"):
+        return inner, "model."
+    return model, ""
+
+
+def _output_layers(root: nn.Module) -> list[str]:
+    """A language model's output projection (lm_head): adapting it is rarely wanted and it may be tied."""
+    get = getattr(root, "get_output_embeddings", None)
+    out = get() if get is not None else None
+    return [n for n, m in root.named_modules() if out is not None and m is out]
+
+
+def _targets(root: nn.Module, wanted: list[str] | None, exclude: list[str]) -> list[str]:
+    """Full names of the adaptable layers that `wanted` names (a layer's name, a suffix such as q_proj, or a
+    module holding layers such as layer4 or encoder.layer.11); every adaptable layer when None."""
+    layers = [n for n, m in root.named_modules()
+              if n and (isinstance(m, ADAPTABLE) or type(m).__name__ == "Conv1D")
+              and not any(n == e or n.startswith(e + ".") for e in exclude)]
+    if wanted is None:
+        if not layers:
+            raise SFTError(f"adapter=lora: {type(root).__name__} has no Linear or Conv layer to adapt")
+        return layers
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    chosen = [n for n in layers if any(_names(n, w) for w in wanted)]
+    unmatched = [w for w in wanted if not any(_names(n, w) for n in layers)]
+    if unmatched:
+        examples = ", ".join(sorted({n.split(".")[-1] for n in layers})[:12])
+        raise SFTError(f"adapter.target_modules names {unmatched}, which match no Linear or Conv layer of "
+                       f"{type(root).__name__} (the head is never adapted: it trains in full). Name layers "
+                       f"(e.g. {examples}) or the modules holding them (e.g. {layers[0].rsplit('.', 2)[0]}).")
+    return chosen
+
+
+def _names(layer: str, wanted: str) -> bool:
+    """Whether `wanted`'s dotted parts occur in a row in the layer's name: q_proj, layer4, encoder.layer.11."""
+    parts, want = layer.split("."), wanted.strip(".").split(".")
+    return any(parts[i:i + len(want)] == want for i in range(len(parts) - len(want) + 1))
+
+
+def adapter_weights(model: nn.Module) -> dict:
+    """The tensors an adapter checkpoint holds: what may train (LoRA matrices, new heads, biases per
+    adapter.bias) and the buffers of the modules trained in full (a new BatchNorm's statistics)."""
+    trainable = model.sft_trainable
+    return {k: v for k, v in model.state_dict().items() if k in trainable or ".modules_to_save." in k}
+
+
+def load_adapter_weights(model: nn.Module, weights: dict, source: Path) -> None:
+    """Load an adapter checkpoint's tensors into a model with the same adapter on its base weights."""
+    expected = set(adapter_weights(model))
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise SFTError(f"the adapter in {source} does not fit the configured model and adapter (missing "
+                       f"{missing[:5]}, unexpected {unexpected[:5]}): load it with the adapter settings it was "
+                       "trained with (the checkpoint's config.yaml).")
+    model.load_state_dict(weights, strict=False)
+
+
+# ---------------------------------------------------------------------------------------------- the base model
+
+
+def base_record(model: nn.Module) -> dict:
+    """Which base model an adapter needs: its source (a folder, a file, a hub name) and a fingerprint of its
+    weights files where they are on disk. Builders say where their weights came from in model.sft_base."""
+    base = getattr(model, "sft_base", None) or {}
+    files = [Path(f) for f in base.get("files", [])]
+    return {"source": base.get("source"), "fingerprint": fingerprint(files) if files else None}
+
+
+def check_base(recorded: dict, model: nn.Module, ckpt: Path, key: str) -> None:
+    """An error unless `model`'s base weights are the ones the adapter in `ckpt` was trained on."""
+    now = model.sft_base_record
+    if recorded.get("fingerprint") and now["fingerprint"] and recorded["fingerprint"] != now["fingerprint"]:
+        raise SFTError(f"{ckpt} holds a LoRA adapter trained on the base model {recorded.get('source')}, but the base "
+                       f"loaded now ({now['source']}) has different weights (fingerprint {now['fingerprint']}, "
+                       f"expected {recorded['fingerprint']}). An adapter on another base gives garbage: point "
+                       f"{key} at the original base model.")
+
+
+def missing_base(recorded: dict, ckpt: Path, key: str) -> str:
+    return (f"{ckpt} holds a LoRA adapter, which needs its base model {recorded.get('source')}, and that could not "
+            f"be loaded. Put the base model back there, or pass {key}=<a copy of it> (its weights are checked "
+            f"against fingerprint {recorded.get('fingerprint')}).")
+
+
+def fingerprint(files: list[Path], chunks: int = 32, size: int = 1 << 16) -> str:
+    """A sha256 over each file's size, its first and last MiB and `chunks` slices spread through it: a base
+    re-trained or re-quantized differs in all of them, and a 15 GB model is read in milliseconds."""
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        length = path.stat().st_size
+        digest.update(json.dumps([path.name, length]).encode())
+        with open(path, "rb") as f:
+            for offset in [0, max(0, length - (1 << 20))] + [length * k // chunks for k in range(chunks)]:
+                f.seek(offset)
+                digest.update(f.read(1 << 20 if offset in (0, max(0, length - (1 << 20))) else size))
+    return digest.hexdigest()[:16]
+
+
+def weights_files(folder: Path) -> list[Path]:
+    """A transformers folder's weights files (safetensors, or .bin when it has none)."""
+    files = sorted(folder.glob("*.safetensors"))
+    return files or sorted(folder.glob("*.bin"))
