@@ -60,20 +60,22 @@ def apply(model: nn.Module, adapter: DictConfig | None) -> nn.Module:
     lora = config.build(adapter)
 
     root, prefix = _root(model)
-    new = [s[len(prefix):] for s in model.sft_new_stages if s.startswith(prefix)]
-    targets = _targets(root, lora.target_modules, exclude=new + _output_layers(root))
-    in_full = new + list(lora.modules_to_save)
+    in_full, by_hand = _in_full(model, root, prefix, lora.modules_to_save)
+    targets = _targets(root, lora.target_modules, exclude=in_full + by_hand + _output_layers(root))
     settings = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                           bias=lora.bias, modules_to_save=in_full or None)
     with warnings.catch_warnings():  # transformers' deprecation notes about what peft calls
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(root, settings)
+    for name in by_hand:
+        root.get_submodule(name).requires_grad_(True)
     model.__dict__["sft_peft"] = peft_model  # not a submodule: it holds `root`, which `model` already holds
-    model.sft_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    model.sft_in_full = [prefix + name for name in by_hand]
+    model.sft_trainable = {n for n, p in model.named_parameters() if p.requires_grad}  # after by_hand's
     model.sft_base_record = base_record(model)
     kinds = sorted({t.rsplit(".", 1)[-1] for t in targets})
     log.info(f"adapter: LoRA r={lora.r} alpha={lora.alpha} on {len(targets)} layers ({', '.join(kinds[:8])}"
-             f"{', ...' if len(kinds) > 8 else ''}); trained in full and saved with it: {in_full}")
+             f"{', ...' if len(kinds) > 8 else ''}); trained in full and saved with it: {in_full + by_hand}")
     return model
 
 
@@ -86,6 +88,28 @@ def _root(model: nn.Module) -> tuple[nn.Module, str]:
     return model, ""
 
 
+def _in_full(model: nn.Module, root: nn.Module, prefix: str, extra: list[str] | str) -> tuple[list, list]:
+    """The modules trained in full and saved with the adapter: those the builder made from scratch (a new
+    head, a new stem) and adapter.modules_to_save. peft finds its modules_to_save by how their names end, so
+    those go to peft only where the name picks exactly the module meant (`fc` does); a new module it cannot
+    pick apart (a new stem's `conv1`, which would also pick every block's conv1) trains in full beside peft
+    (the second list). A name in adapter.modules_to_save must pick exactly the modules meant."""
+    new = [m[len(prefix):] for name, members in model.sft_stages if name in model.sft_new_stages
+           for m in members if m.startswith(prefix)]
+    extra = [extra] if isinstance(extra, str) else list(extra)
+    names = [n for n, _ in root.named_modules() if n]
+    by_hand = [m for m in new if [n for n in names if n.endswith(m)] != [m]]
+    for wanted in extra:
+        meant = [n for n in names if n == wanted or n.endswith("." + wanted)]
+        picked = [n for n in names if n.endswith(wanted)]
+        if not meant or picked != meant:
+            raise SFTError(f"adapter.modules_to_save names {wanted!r}, which "
+                           + (f"peft would match in {len(picked)} modules ({', '.join(picked[:3])}, ...): give a "
+                              "longer name, e.g. its full path" if meant else "matches no module of the model")
+                           + f". Modules: {', '.join(n for n in names if '.' not in n)}, ...")
+    return [m for m in new if m not in by_hand] + extra, by_hand
+
+
 def _output_layers(root: nn.Module) -> list[str]:
     """A language model's output projection (lm_head): adapting it is rarely wanted and it may be tied."""
     get = getattr(root, "get_output_embeddings", None)
@@ -96,21 +120,29 @@ def _output_layers(root: nn.Module) -> list[str]:
 def _targets(root: nn.Module, wanted: list[str] | None, exclude: list[str]) -> list[str]:
     """Full names of the adaptable layers that `wanted` names (a layer's name, a suffix such as q_proj, or a
     module holding layers such as layer4 or encoder.layer.11); every adaptable layer when None."""
+    attention = {n for n, m in root.named_modules() if isinstance(m, nn.MultiheadAttention)}
     layers = [n for n, m in root.named_modules()
               if n and (isinstance(m, ADAPTABLE) or type(m).__name__ == "Conv1D")
-              and not any(n == e or n.startswith(e + ".") for e in exclude)]
+              and not any(n == e or n.startswith(e + ".") for e in exclude)
+              # peft cannot adapt (or merge) grouped and depthwise convolutions; nn.MultiheadAttention never
+              # calls its out_proj's forward, so an adapter there would not act
+              and getattr(m, "groups", 1) == 1 and n.rpartition(".")[0] not in attention]
     if wanted is None:
         if not layers:
             raise SFTError(f"adapter=lora: {type(root).__name__} has no Linear or Conv layer to adapt")
         return layers
     wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    if not wanted:
+        raise SFTError("adapter.target_modules=[] names no layer: name some, or null for every Linear/Conv layer")
     chosen = [n for n in layers if any(_names(n, w) for w in wanted)]
     unmatched = [w for w in wanted if not any(_names(n, w) for n in layers)]
     if unmatched:
         examples = ", ".join(sorted({n.split(".")[-1] for n in layers})[:12])
+        holders = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in layers if "." in n)) or ["(none)"]
         raise SFTError(f"adapter.target_modules names {unmatched}, which match no Linear or Conv layer of "
-                       f"{type(root).__name__} (the head is never adapted: it trains in full). Name layers "
-                       f"(e.g. {examples}) or the modules holding them (e.g. {layers[0].rsplit('.', 2)[0]}).")
+                       f"{type(root).__name__} that LoRA can adapt (not a new head, which trains in full, nor lm_head, grouped "
+                       f"convolutions or attention inside nn.MultiheadAttention). Name layers "
+                       f"(e.g. {examples}) or the modules holding them (e.g. {', '.join(holders[:4])}).")
     return chosen
 
 
@@ -123,8 +155,9 @@ def _names(layer: str, wanted: str) -> bool:
 def adapter_weights(model: nn.Module) -> dict:
     """The tensors an adapter checkpoint holds: what may train (LoRA matrices, new heads, biases per
     adapter.bias) and the buffers of the modules trained in full (a new BatchNorm's statistics)."""
-    trainable = model.sft_trainable
-    return {k: v for k, v in model.state_dict().items() if k in trainable or ".modules_to_save." in k}
+    trainable, by_hand = model.sft_trainable, tuple(m + "." for m in model.sft_in_full)
+    return {k: v for k, v in model.state_dict().items()
+            if k in trainable or ".modules_to_save." in k or k.startswith(by_hand)}
 
 
 def load_adapter_weights(model: nn.Module, weights: dict, source: Path) -> None:
@@ -135,7 +168,12 @@ def load_adapter_weights(model: nn.Module, weights: dict, source: Path) -> None:
         raise SFTError(f"the adapter in {source} does not fit the configured model and adapter (missing "
                        f"{missing[:5]}, unexpected {unexpected[:5]}): load it with the adapter settings it was "
                        "trained with (the checkpoint's config.yaml).")
-    model.load_state_dict(weights, strict=False)
+    try:
+        model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # the same names with other shapes: another adapter.r
+        raise SFTError(f"the adapter in {source} does not fit the configured adapter ({str(e)[:300]}): load it "
+                       "with the adapter settings it was trained with, e.g. its adapter.r (the checkpoint's "
+                       "config.yaml).") from e
 
 
 # ---------------------------------------------------------------------------------------------- the base model

@@ -351,6 +351,10 @@ def load_model(cfg: DictConfig, ckpt: Path, device: torch.device):
         if not cfg.get("adapter"):
             cfg.model.name_or_path = str(ckpt / "hf")
     model = _adapted_base(cfg, task, meta, ckpt) if cfg.get("adapter") else task.model(cfg.model, pretrained=False)
+    if cfg.get("adapter") and (ckpt / "hf").is_dir():  # the tokenizer (chat template) the run saved, not the base's
+        from transformers import AutoTokenizer
+
+        model.tokenizer = AutoTokenizer.from_pretrained(ckpt / "hf")
     load_weights(ckpt, model)
     return task, model.to(device).eval()
 

@@ -30,9 +30,14 @@ def export(cfg: DictConfig) -> Path:
     if not adapter and not merge:
         raise SFTError(f"merge=false writes a LoRA adapter folder, and {ckpt} holds no adapter (it was trained with "
                        "adapter=none): leave merge at its default, true.")
+    if adapter and merge and "dtype" in cfg.model:
+        cfg.model.dtype = "float32"  # a LoRA update merged into bf16 weights would be rounded away
     _, model = checkpoint.load_model(cfg, ckpt, torch.device("cpu"))
     tokenizer = getattr(model, "tokenizer", None)
     if adapter and not merge:
+        if model.sft_in_full:
+            raise SFTError(f"{ckpt} also trained newly made {model.sft_in_full} in full, which a peft adapter folder "
+                           "cannot hold: export it merged (merge=true).")
         model.sft_peft.save_pretrained(out)  # adapter_config.json, adapter_model.safetensors (and a new head)
         _save_tokenizer(tokenizer, out)
         log.info(f"exported the LoRA adapter to {out}: peft's PeftModel.from_pretrained(<base model>, '{out}') "

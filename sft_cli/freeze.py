@@ -102,9 +102,10 @@ class Gradual:
 
 
 def apply(model: nn.Module, stages: list[Stage], frozen: list[str]) -> None:
-    """Set requires_grad by stage and put the model in train mode, with BatchNorm layers whose weights do not
-    train in eval mode so they keep their (pretrained) running statistics. Call it at the start of every epoch.
-    With an adapter (model.sft_trainable) only the parameters it names train, in the stages not frozen."""
+    """Set requires_grad by stage and put the model in train mode, with frozen BatchNorm layers in eval mode so
+    they keep their (pretrained) running statistics. Call it at the start of every epoch. With an adapter
+    (model.sft_trainable) only the parameters it names train, in the stages not frozen, and every BatchNorm
+    layer but those trained in full keeps its statistics (an adapter checkpoint does not hold them)."""
     model.train()
     allowed = getattr(model, "sft_trainable", None)
     trainable = None if allowed is None else {id(p) for n, p in model.named_parameters() if n in allowed}
@@ -112,11 +113,15 @@ def apply(model: nn.Module, stages: list[Stage], frozen: list[str]) -> None:
         is_frozen = stage[0] in frozen
         for p in _parameters(model, stage):
             p.requires_grad_(not is_frozen and (trainable is None or id(p) in trainable))
-        for member in _members(model, stage):
+        for member in _members(model, stage) if is_frozen else ():
             for m in member.modules() if isinstance(member, nn.Module) else ():
-                if isinstance(m, _BatchNorm) and (is_frozen or trainable is not None and
-                                                  not any(p.requires_grad for p in m.parameters())):
+                if isinstance(m, _BatchNorm):
                     m.eval()
+    if trainable is not None:
+        in_full = tuple(m + "." for m in getattr(model, "sft_in_full", []))
+        for name, m in model.named_modules():
+            if isinstance(m, _BatchNorm) and ".modules_to_save." not in name and not (name + ".").startswith(in_full):
+                m.eval()
 
 
 def parameter_counts(model: nn.Module, stages: list[Stage]) -> list[tuple[str, int, int]]:

@@ -123,6 +123,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     policy = config.build(cfg.freeze)
     frozen = _frozen_stages(policy, model, 0)
     freeze.apply(model, model.sft_stages, frozen)
+    _check_something_trains(model, 0, cfg)
     counts = freeze.parameter_counts(model, model.sft_stages)
     if ctx.is_main:
         console.print_stages(counts)
@@ -247,6 +248,13 @@ def _place(model: nn.Module, t: DictConfig, device: torch.device, ctx: distribut
     return model
 
 
+def _check_something_trains(model: nn.Module, epoch: int, cfg: DictConfig) -> None:
+    if not any(p.requires_grad for p in model.parameters()):
+        raise SFTError(f"nothing trains in epoch {epoch + 1}: freeze={cfg.freeze._target_.rsplit('.', 1)[-1]} leaves "
+                       "only stages whose own weights adapter=lora keeps frozen (a language model's lm_head). Use "
+                       "freeze=none or freeze=lower with adapters, or adapter=none.")
+
+
 def _frozen_stages(policy, model: nn.Module, epoch: int) -> list[str]:
     """The policy's frozen stages for `epoch`, less the layers created from scratch (a new head), which train."""
     frozen = policy.frozen(model.sft_stages, models.head_name(model), epoch)
@@ -257,6 +265,7 @@ def _freeze_for_epoch(policy, learner: Learner, epoch: int, run: Run) -> None:
     """Set what trains in this epoch (and BatchNorm modes); rebuild the DDP wrapper when that changed."""
     frozen = _frozen_stages(policy, learner.model, epoch)
     freeze.apply(learner.model, learner.model.sft_stages, frozen)
+    _check_something_trains(learner.model, epoch, run.cfg)
     if frozen != learner.frozen:
         log.info(f"epoch {epoch + 1}: unfreezing {sorted(set(learner.frozen) - set(frozen))}")
         learner.frozen = frozen
@@ -455,6 +464,9 @@ def resume(run: Run, learner: Learner, total_steps: int) -> TrainState:
                            f"configured data give {value}. Resume with the same dataset.")
     for line in config.differences(checkpoint.load_config(ckpt), cfg, ignore=("resume", "sweep")):
         log.warning(f"resume: {line} (the current value is used)")
+    if hasattr(learner.model, "sft_trainable"):  # an adapter continues only on the base it was trained on
+        key = "model.name_or_path" if "name_or_path" in cfg.model else "model.weights"
+        adapters.check_base(meta.get("adapter_base") or {}, learner.model, ckpt, key)
     checkpoint.load_weights(ckpt, learner.model)
     blob = checkpoint.load_state(ckpt)
     optimizer, scheduler = learner.optimizer, learner.scheduler

@@ -264,3 +264,26 @@ def test_the_fingerprint_sees_a_changed_weights_file(tmp_path: Path):
     data[len(data) // 2] ^= 1  # one bit in the middle of the first chunk after the half-way point
     file.write_bytes(bytes(data))
     assert fingerprint([file]) != before
+
+
+def test_convolution_models_adapt_what_peft_can_and_keep_batchnorm_statistics():
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from sft_cli import adapters, freeze, models
+    from sft_cli.errors import SFTError
+
+    mobile = models.torchvision_classifier("mobilenet_v3_small", ["a", "b"])
+    adapters.apply(mobile, lora(bias="all"))  # depthwise convolutions are left out, not a peft error
+    adapted = [n for n, m in mobile.named_modules() if hasattr(m, "lora_A")]
+    assert adapted and all(mobile.get_submodule(n).base_layer.groups == 1 for n in adapted if "features" in n)
+    freeze.apply(mobile, mobile.sft_stages, [])  # biases train (bias=all), yet no BatchNorm statistic moves
+    assert all(not m.training for n, m in mobile.named_modules() if isinstance(m, _BatchNorm))
+
+    # a new stem trains in full beside the adapter, although peft cannot tell its conv1 from every block's
+    cifar = adapters.apply(models.torchvision_classifier("resnet18", ["a", "b"], small_input_stem=True), lora())
+    assert {"conv1.weight", "bn1.weight"} <= cifar.sft_trainable and "layer1.0.conv1.weight" not in cifar.sft_trainable
+    assert "bn1.running_mean" in adapters.adapter_weights(cifar)  # the new BatchNorm's statistics are saved
+    freeze.apply(cifar, cifar.sft_stages, [])
+    assert cifar.bn1.training and not cifar.layer1[0].bn1.training
+    with pytest.raises(SFTError, match=r"adapter.modules_to_save names 'classifier', which matches no module"):
+        adapters.apply(models.torchvision_classifier("resnet18", ["a", "b"]), lora(modules_to_save="classifier"))
