@@ -17,6 +17,7 @@ and the passes it made.
 
 import argparse
 import csv
+import math
 import sys
 import tempfile
 import time
@@ -86,10 +87,12 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=len(classes))
     output = args.output or tempfile.mkdtemp(prefix="hf-trainer-")
+    # transformers 5 dropped warmup_ratio; the same steps as sft-train's scheduler.warmup_epochs
+    warmup = round(args.warmup_ratio * math.ceil(len(train) / args.batch_size) * args.epochs)
     settings = TrainingArguments(
         output_dir=output, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=2 * args.batch_size, learning_rate=args.lr, weight_decay=0.01,
-        lr_scheduler_type="linear", warmup_ratio=args.warmup_ratio, max_grad_norm=1.0, eval_strategy="epoch",
+        lr_scheduler_type="linear", warmup_steps=warmup, max_grad_norm=1.0, eval_strategy="epoch",
         save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="accuracy",
         save_total_limit=2, logging_steps=20, report_to="none", disable_tqdm=True, seed=0,
         use_cpu=not torch.cuda.is_available())

@@ -32,7 +32,7 @@ class LoRA:
 
     r: int = 16
     alpha: float = 32
-    dropout: float = 0.05
+    dropout: float = 0.0
     target_modules: list[str] | None = None  # None: every adaptable layer but the new head(s) and the LM head
     bias: str = "none"                        # none, all, lora_only: which biases train too
     modules_to_save: list[str] = field(default_factory=list)  # more modules trained in full and saved

@@ -82,10 +82,9 @@ def text_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
     else:
         keep, held_out = stratified_split(train.labels, val_size, split_seed)
         train, val = train.subset(keep), train.subset(held_out)
-    test = tokenized(*others["test_file"]) if "test_file" in others else None
-    if test is not None and "val_file" in others and \
-            others["val_file"][0].resolve() == others["test_file"][0].resolve():
-        test = val  # one file: the recipe then evaluates it once (train.test_best)
+    same = "test_file" in others and "val_file" in others and \
+        others["val_file"][0].resolve() == others["test_file"][0].resolve()
+    test = val if same else tokenized(*others["test_file"]) if "test_file" in others else None  # same: one pass
     lengths = [len(ids) for ids in train.features["input_ids"]] if group_by_length else None
     return Splits(train, val, test, classes, list(train.labels), PadCollate(tok), lengths)
 

@@ -37,6 +37,7 @@ def text_lora(tmp_path_factory) -> Path:
         (cwd / name).write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in sentiment_rows(n, seed=seed)))
     ok(run_cli("sft-train", "+experiment=text_classification", "dataset.train_file=train.tsv",
                "dataset.val_file=val.tsv", f"model.name_or_path={cwd / 'tiny-bert'}", "adapter=lora", "adapter.r=4",
+               "adapter.dropout=0.05",
                "optimizer.lr=5e-3", "trainer.max_epochs=6", "trainer.batch_size=16", "trainer.progress_bar=false",
                "report=false", "hydra.run.dir=run", cwd=cwd))
     return cwd
