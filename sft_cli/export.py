@@ -51,7 +51,8 @@ def export(cfg: DictConfig) -> Path:
         classes = checkpoint.load_meta(ckpt).get("classes")
         save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, out / checkpoint.MODEL_FILE,
                   metadata={"format": "pt", "classes": json.dumps(classes)})
-        stem = " with its 3x3 stride-1 conv1 and no maxpool (small_input_stem)" if cfg.model.get("small_input_stem") else ""
+        stem = " with its 3x3 stride-1 conv1 and no maxpool (small_input_stem)" \
+            if cfg.model.get("small_input_stem") else ""
         log.info(f"exported the merged weights to {out / checkpoint.MODEL_FILE}: torchvision.models.get_model("
                  f"'{cfg.model.name}', num_classes={len(classes)}){stem} loads them with load_state_dict")
         return out
