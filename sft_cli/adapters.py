@@ -140,9 +140,8 @@ def _targets(root: nn.Module, wanted: list[str] | None, exclude: list[str]) -> l
         examples = ", ".join(sorted({n.split(".")[-1] for n in layers})[:12])
         holders = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in layers if "." in n)) or ["(none)"]
         raise SFTError(f"adapter.target_modules names {unmatched}, which match no Linear or Conv layer of "
-                       f"{type(root).__name__} that LoRA can adapt (not a new head, which trains in full, nor lm_head, "
-                       f"grouped "
-                       f"convolutions or attention inside nn.MultiheadAttention). Name layers "
+                       f"{type(root).__name__} that LoRA can adapt (not a new head, which trains in full, nor "
+                       "lm_head, grouped convolutions or attention inside nn.MultiheadAttention). Name layers "
                        f"(e.g. {examples}) or the modules holding them (e.g. {', '.join(holders[:4])}).")
     return chosen
 
