@@ -197,6 +197,11 @@ def check_base(recorded: dict, model: nn.Module, ckpt: Path, key: str) -> None:
                        f"{key} at the original base model.")
 
 
+def base_key(model: DictConfig) -> str:
+    """The config key that names the base: model.name_or_path (transformers) or model.weights (torchvision)."""
+    return "model.name_or_path" if "name_or_path" in model else "model.weights"
+
+
 def missing_base(recorded: dict, ckpt: Path, key: str) -> str:
     return (f"{ckpt} holds a LoRA adapter, which needs its base model {recorded.get('source')}, and that could not "
             f"be loaded. Put the base model back there, or pass {key}=<a copy of it> (its weights are checked "

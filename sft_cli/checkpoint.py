@@ -345,16 +345,17 @@ def load_model(cfg: DictConfig, ckpt: Path, device: torch.device):
     task = build(cfg.task)
     meta = load_meta(ckpt)
     task.set_info(meta)
-    if (ckpt / "hf").is_dir():
+    adapter, hf = cfg.get("adapter"), ckpt / "hf"
+    if hf.is_dir():
         if "tokenizer" in cfg.dataset:
-            cfg.dataset.tokenizer = str(ckpt / "hf")
-        if not cfg.get("adapter"):
-            cfg.model.name_or_path = str(ckpt / "hf")
-    model = _adapted_base(cfg, task, meta, ckpt) if cfg.get("adapter") else task.model(cfg.model, pretrained=False)
-    if cfg.get("adapter") and (ckpt / "hf").is_dir():  # the tokenizer (chat template) the run saved, not the base's
+            cfg.dataset.tokenizer = str(hf)
+        if not adapter:  # an adapter's base weights come from its base model, not from the checkpoint
+            cfg.model.name_or_path = str(hf)
+    model = _adapted_base(cfg, task, meta, ckpt) if adapter else task.model(cfg.model, pretrained=False)
+    if adapter and hf.is_dir():  # the tokenizer (chat template) the run saved, not the base's
         from transformers import AutoTokenizer
 
-        model.tokenizer = AutoTokenizer.from_pretrained(ckpt / "hf")
+        model.tokenizer = AutoTokenizer.from_pretrained(hf)
     load_weights(ckpt, model)
     return task, model.to(device).eval()
 
@@ -364,8 +365,7 @@ def _adapted_base(cfg: DictConfig, task, meta: dict, ckpt: Path):
     fingerprint it recorded, with the same adapter injected."""
     from sft_cli import adapters
 
-    recorded = meta.get("adapter_base") or {}
-    key = "model.name_or_path" if "name_or_path" in cfg.model else "model.weights"
+    recorded, key = meta.get("adapter_base") or {}, adapters.base_key(cfg.model)
     try:
         model = task.model(cfg.model, pretrained=True)
     except SFTError as e:

@@ -465,8 +465,7 @@ def resume(run: Run, learner: Learner, total_steps: int) -> TrainState:
     for line in config.differences(checkpoint.load_config(ckpt), cfg, ignore=("resume", "sweep")):
         log.warning(f"resume: {line} (the current value is used)")
     if hasattr(learner.model, "sft_trainable"):  # an adapter continues only on the base it was trained on
-        key = "model.name_or_path" if "name_or_path" in cfg.model else "model.weights"
-        adapters.check_base(meta.get("adapter_base") or {}, learner.model, ckpt, key)
+        adapters.check_base(meta.get("adapter_base") or {}, learner.model, ckpt, adapters.base_key(cfg.model))
     checkpoint.load_weights(ckpt, learner.model)
     blob = checkpoint.load_state(ckpt)
     optimizer, scheduler = learner.optimizer, learner.scheduler
