@@ -55,11 +55,11 @@ class CausalLMTask:
     def set_loss(self, loss: DictConfig, splits: Splits, model: nn.Module) -> None:
         self.criterion = config.build(loss)
 
-    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, tuple]:
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         inputs, labels = batch
         summed, tokens, correct = self.criterion(model(inputs), labels)
         record = (summed.detach(), tokens, correct, len(labels), inputs["attention_mask"].sum())
-        return summed / tokens.clamp(min=1), record
+        return summed, tokens, record  # the loop divides by the learned tokens of the whole step
 
     def window(self, device: torch.device) -> TokenWindow:
         return TokenWindow(device)

@@ -43,14 +43,15 @@ class Classification:
         self.criterion = config.build(loss, train_targets=splits.train_targets, num_classes=len(self.classes),
                                       model=model)
 
-    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, tuple]:
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, float | torch.Tensor, tuple]:
         inputs, targets = batch
         logits = model(inputs)
-        loss = self.criterion(logits, targets)
-        record = (loss.detach(), self.criterion.batch_weight(targets), logits.detach(), targets)
+        summed, weight = self.criterion(logits, targets), self.criterion.batch_weight(targets)
+        record = (summed.detach(), weight, logits.detach(), targets)
         if model.training and self.criterion.extra is not None:
-            loss = loss + self.criterion.extra()
-        return loss, record
+            # weight x the penalty: once the loop divides the step's sum by the step's weight, it counts once
+            summed = summed + weight * self.criterion.extra()
+        return summed, weight, record
 
     def window(self, device: torch.device) -> ConfusionWindow:
         return ConfusionWindow(len(self.classes), device)

@@ -48,16 +48,17 @@ class CrossEntropy:
         weights = resolve_class_weights(class_weights, train_targets, num_classes)
         device = next(model.parameters()).device
         self.task = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
-                                        label_smoothing=label_smoothing)
+                                        label_smoothing=label_smoothing, reduction="sum")
         self.extra = extra(model) if extra is not None else None  # a `_partial_` target, completed here
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The task loss alone (what is reported); add `extra()` for the loss that is minimised."""
+        """The batch's summed task loss (each example's cross-entropy times its class weight): what is reported.
+        The loop divides the sum over a whole optimizer step by that step's batch_weight()s, once."""
         return self.task(logits.float(), targets)
 
     def batch_weight(self, targets: torch.Tensor) -> float | torch.Tensor:
-        """What the batch's mean loss was divided by: its size (known on the host, so no copy to the GPU), or
-        with class weights the sum of its weights (a device tensor)."""
+        """What the batch's summed loss counts for: its size (known on the host, so no copy to the GPU), or
+        with class weights the sum of its examples' weights (a device tensor), as torch's weighted mean divides."""
         if self.task.weight is None:
             return float(len(targets))
         return self.task.weight[targets].sum()

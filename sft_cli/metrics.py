@@ -55,9 +55,9 @@ class ConfusionWindow:
         self.num_classes, self.device, self.start = num_classes, device, time.perf_counter()
 
     def add(self, record: tuple) -> None:
-        """record: (mean loss of the batch, what it was divided by, logits, targets), all detached."""
-        mean_loss, weight, logits, targets = record
-        self.loss_sum += mean_loss.float() * weight
+        """record: (summed loss of the batch, its weight, logits, targets), all detached."""
+        summed, weight, logits, targets = record
+        self.loss_sum += summed.float()
         self.weight_sum += weight
         confusion(logits, targets, self.num_classes, out=self.confusion)
 

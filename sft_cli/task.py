@@ -62,9 +62,13 @@ class Task(Protocol):
     def set_loss(self, loss: DictConfig, splits: Splits, model: nn.Module) -> None:
         """Build configs/loss/* for this run's data and model (class weights, L2-SP anchors)."""
 
-    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, Any]:
-        """The loss to minimise for one batch (on the device), and the record the window adds. In eval mode
-        (model.training False) only the record matters: extra terms such as L2-SP are left out."""
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, float | torch.Tensor, Any]:
+        """(summed loss, weight, record) of one batch, on the device. The loss is a sum, not a mean: the loop
+        adds the weights (examples, learned tokens, class weights) of every micro-batch of an optimizer step
+        on every process and divides the step's gradient by that total once, so each example or token counts
+        the same however the step is split (accumulation, DDP, length grouping). The record is what the
+        window adds. In eval mode (model.training False) only the record matters: extra terms such as L2-SP
+        are left out; in training they enter the sum times the batch's weight, so they count once a step."""
 
     def window(self, device: torch.device) -> Window: ...
 

@@ -286,6 +286,7 @@ def train_one_epoch(run: Run, learner: Learner, loader, state: TrainState) -> di
     trainable = [p for p in learner.model.parameters() if p.requires_grad]
     window, epoch_totals = task.window(device), task.window(device)
     batches, epoch_rng = _epoch_batches(run, loader, state, (window, epoch_totals))
+    step_weight = 0.0  # the weight of the summed losses backpropagated since the last optimizer step
     epoch_start = time.perf_counter()
     with console.progress_bar(t.progress_bar and ctx.is_main) as bar:
         bar_id = bar.add_task(f"epoch {state.epoch + 1}", total=len(loader), completed=state.batch, info="") \
@@ -295,17 +296,18 @@ def train_one_epoch(run: Run, learner: Learner, loader, state: TrainState) -> di
             stepping = (i + 1) % accumulate == 0 or i + 1 == len(loader)
             with contextlib.nullcontext() if stepping or not ctx.enabled else learner.trained.no_sync():
                 with runtime.autocast(device, t.precision):
-                    loss, record = task.loss(learner.trained, batch)
-                group = min(accumulate, len(loader) - i // accumulate * accumulate)  # the last group may be short
-                learner.scaler.scale(loss / group).backward()
+                    summed, weight, record = task.loss(learner.trained, batch)
+                learner.scaler.scale(summed).backward()
+            step_weight = step_weight + weight
             window.add(record)
             epoch_totals.add(record)
             if not stepping:
                 continue  # accumulate more gradient before stepping
-            _optimizer_step(learner, trainable, t.gradient_clip_norm)
+            _optimizer_step(learner, trainable, t.gradient_clip_norm, step_weight, run)
+            step_weight = 0.0
             state.step, state.batch = state.step + 1, i + 1
             if bar:
-                bar.advance(bar_id, group)
+                bar.advance(bar_id, i + 1 - i // accumulate * accumulate)  # the step's micro-batches
             if state.step % t.log_every_n_steps == 0:
                 record = {"epoch": state.epoch + 1, "step": state.step, "split": "train", **window.read(),
                           "lr": base_lr(learner.optimizer), "elapsed": time.perf_counter() - run.started}
@@ -345,7 +347,15 @@ def _epoch_batches(run: Run, loader, state: TrainState, windows: tuple) -> tuple
     return batches, epoch_rng
 
 
-def _optimizer_step(learner: Learner, trainable: list[nn.Parameter], clip_norm: float | None) -> None:
+def _optimizer_step(learner: Learner, trainable: list[nn.Parameter], clip_norm: float | None, weight, run: Run) -> None:
+    """Divide the summed gradients once by the weight of the whole step (every micro-batch of it, on every
+    process: one all-reduce a step), clip, step, schedule. DDP averaged the gradients over the processes
+    (a mean of sums), hence x world_size: the result is the gradient of the step's token- or example-weighted
+    mean loss, exactly the loss the windows report."""
+    total = distributed.all_reduce_sum(torch.as_tensor(weight, dtype=torch.float32, device=run.device))[0]
+    grads = [p.grad for p in trainable if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, run.ctx.world_size / total.clamp(min=1e-12))  # one kernel for all, no host sync
     if clip_norm:
         learner.scaler.unscale_(learner.optimizer)
         nn.utils.clip_grad_norm_(trainable, clip_norm)
@@ -424,7 +434,7 @@ def evaluate(task: Task, model: nn.Module, loader, device: torch.device, precisi
     window = task.window(device)
     with torch.inference_mode(), runtime.autocast(device, precision):
         for batch in loader:
-            window.add(task.loss(model, data.to_device(batch, device))[1])
+            window.add(task.loss(model, data.to_device(batch, device))[2])
     result = window.read()
     return result | window.details() | {"samples_per_s": result["samples"] / (time.perf_counter() - start)}
 

@@ -58,9 +58,9 @@ NEGATIVE = ["bad", "awful", "poor", "hated"]
 FILLER = ["the", "a", "movie", "film", "book", "it", "was", "is", "very", "really", "and"]
 
 
-def write_tiny_bert(folder: Path, seed: int = 0) -> Path:
+def write_tiny_bert(folder: Path, seed: int = 0, dropout: float = 0.1) -> Path:
     """A 3-layer, 32-wide BERT with a WordPiece vocabulary of the toy words, saved with save_pretrained
-    as a stand-in for a pretrained hub model."""
+    as a stand-in for a pretrained hub model (dropout=0: a forward pass draws nothing from the RNG)."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -74,7 +74,8 @@ def write_tiny_bert(folder: Path, seed: int = 0) -> Path:
     assert tokenizer("good")["input_ids"][1] == vocab.index("good")
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

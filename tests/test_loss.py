@@ -79,12 +79,13 @@ def test_l2sp_pulls_the_same_parameters_through_a_wrapper_such_as_ddp():
     assert float(criterion.extra().detach()) == pytest.approx(0.5 * 12 * 0.1 ** 2)
 
 
-def test_cross_entropy_with_balanced_weights_reports_the_weighted_mean_and_its_weight():
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_with_balanced_weights_is_a_weighted_sum_that_its_weight_turns_into_torchs_mean(smoothing):
     model = tiny_model()
-    criterion = loss.CrossEntropy(label_smoothing=0.0, class_weights="balanced", extra=None,
+    criterion = loss.CrossEntropy(label_smoothing=smoothing, class_weights="balanced", extra=None,
                                   train_targets=[0, 0, 0, 1], num_classes=2, model=model)
     logits, targets = torch.randn(3, 2), torch.tensor([0, 1, 1])
     weights = torch.tensor([4 / 6, 4 / 2])
     assert float(criterion.batch_weight(targets)) == pytest.approx(float(weights[targets].sum()))
-    expected = nn.functional.cross_entropy(logits, targets, weight=weights)
-    assert float(criterion(logits, targets)) == pytest.approx(float(expected))
+    expected = nn.functional.cross_entropy(logits, targets, weight=weights, label_smoothing=smoothing)
+    assert float(criterion(logits, targets) / criterion.batch_weight(targets)) == pytest.approx(float(expected))
