@@ -43,8 +43,11 @@ from hydra.core.config_store import ConfigStore
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sft_cli import checkpoint, config, data, models, optim, runtime
-from sft_cli.data import LoaderOptions, make_loader, to_device
+from sft_cli import config
+from sft_cli.models import stages
+from sft_cli.tasks.classification import images
+from sft_cli.training import checkpoint, optim, runtime
+from sft_cli.training.loading import LoaderOptions, make_loader, to_device
 
 WORDS = ["good", "great", "fine", "enjoyed", "bad", "awful", "poor", "hated",
          "the", "a", "movie", "film", "book", "it", "was", "is", "very", "really", "and"]
@@ -206,7 +209,7 @@ def model_and_step(cfg, classes, device):
     """The configured model and optimizer, and a plain training step: forward, loss, backward, step."""
     torch.manual_seed(0)
     model = config.build(cfg.model, classes=classes).to(device).train()
-    optimizer = optim.build_optimizer(cfg.optimizer, cfg.param_groups, model, models.head_name(model))
+    optimizer = optim.build_optimizer(cfg.optimizer, cfg.param_groups, model, stages.head_name(model))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "16-mixed")
     criterion = nn.CrossEntropyLoss()
     clip = cfg.trainer.gradient_clip_norm
@@ -244,8 +247,8 @@ def naive_vision_loop(cfg, args, device) -> dict:
     """(b) The tutorial loop: torchvision's CIFAR10 with per-sample transforms, a shuffling DataLoader."""
     from torchvision import datasets
 
-    cifar = data._skip_checksums(datasets.CIFAR10)  # the synthetic files' md5s are not the official ones
-    train_set = cifar(cfg.dataset.root, train=True, transform=data.image_transforms(True, cfg.dataset.transforms))
+    cifar = images._skip_checksums(datasets.CIFAR10)  # the synthetic files' md5s are not the official ones
+    train_set = cifar(cfg.dataset.root, train=True, transform=images.image_transforms(True, cfg.dataset.transforms))
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
     step = model_and_step(cfg, train_set.classes, device)
@@ -296,8 +299,13 @@ def hf_trainer(cfg, splits, args, device) -> dict | None:
     same optimizer settings and schedule. A callback reads the clock at the same steps as (a) and (c)."""
     try:
         import accelerate  # noqa: F401  (the Trainer refuses to start without it)
-        from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
-                                  TrainerCallback, TrainingArguments)
+        from transformers import (
+            AutoModelForSequenceClassification,
+            DataCollatorWithPadding,
+            Trainer,
+            TrainerCallback,
+            TrainingArguments,
+        )
     except ImportError as e:
         print(f"   (d) skipped: the Hugging Face Trainer needs transformers and accelerate ({e}); "
               'pip install -e ".[dev]"')
@@ -364,7 +372,7 @@ def eval_throughput(ckpt: Path, args, device) -> float:
 def predict_throughput(ckpt: Path, inputs: Path, count: int, args, device) -> float:
     """items/s of sft-predict over a file or folder of `count` inputs, end to end: checkpoint load,
     reading and decoding the files, the forward passes, writing the CSV; median of --repeats runs."""
-    from sft_cli.predict import predict
+    from sft_cli.tasks.classification.predict import predict
 
     ConfigStore.instance().store(name="_checkpoint_", node=checkpoint.load_config(ckpt))
     cfg = compose_config("predict", [f"checkpoint={ckpt}", f"input={inputs}", f"trainer.device={device}",

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from sft_cli import config, sweep
+from sft_cli import checks, config, sweep
 from sft_cli.errors import SFTError
 
 log = logging.getLogger("sft_cli.cli")
@@ -182,7 +182,7 @@ def _train_job(cfg: DictConfig) -> float | None:
 
 
 def _run_training(cfg: DictConfig, run_dir: Path) -> float:
-    config.check(cfg)  # train() checks too; this answers before torch loads
+    checks.check(cfg)  # train() checks too; this answers before torch loads
     from sft_cli.train import train
 
     return train(cfg, run_dir)  # sweepers optimise the returned value
@@ -212,7 +212,7 @@ def _log_to_files(message: str, exc_info: bool) -> None:
 
 @hydra.main(config_path=config.find_config_dir(), config_name="eval", version_base="1.3")
 def _eval(cfg: DictConfig) -> None:
-    config.require(cfg)
+    checks.require(cfg)
     from sft_cli.eval import evaluate_checkpoint
 
     evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir))
@@ -220,13 +220,13 @@ def _eval(cfg: DictConfig) -> None:
 
 @hydra.main(config_path=config.find_config_dir(), config_name="predict", version_base="1.3")
 def _predict(cfg: DictConfig) -> None:
-    config.require(cfg)
+    checks.require(cfg)
     config.build(cfg.task).predict(cfg, Path(HydraConfig.get().runtime.output_dir))  # each task predicts its way
 
 
 @hydra.main(config_path=config.find_config_dir(), config_name="export", version_base="1.3")
 def _export(cfg: DictConfig) -> None:
-    config.require(cfg)
+    checks.require(cfg)
     from sft_cli.export import export
 
     export(cfg)
@@ -301,7 +301,7 @@ def _store_checkpoint_config(argv: list[str]) -> None:
     defaults list expects it (`_checkpoint_`); empty without one, and Hydra reports `checkpoint` missing."""
     path, node = config.arg(argv, "checkpoint"), OmegaConf.create({})
     if path is not None:
-        from sft_cli import checkpoint
+        from sft_cli.training import checkpoint
 
         try:
             node = checkpoint.load_config(checkpoint.resolve(path))

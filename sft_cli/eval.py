@@ -10,21 +10,23 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from sft_cli import checkpoint, config, console, data, runtime
+from sft_cli import checks
 from sft_cli.errors import SFTError, not_one_of
+from sft_cli.results import console
 from sft_cli.train import evaluate
+from sft_cli.training import checkpoint, loading, restore, runtime
 
 log = logging.getLogger("sft_cli.eval")
 
 
 def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
     """Rebuild the checkpoint's data and model, evaluate one split, write eval.json into `out_dir`."""
-    config.require(cfg)
+    checks.require(cfg)
     if cfg.split not in ("test", "val"):
         raise SFTError(not_one_of("split", cfg.split, ("test", "val")))
     ckpt = checkpoint.resolve(cfg.checkpoint)
     device = runtime.pick_device(cfg.trainer.device)
-    task, model = checkpoint.load_model(cfg, ckpt, device)
+    task, model = restore.load_model(cfg, ckpt, device)
     info = task.info()
 
     splits = task.data(cfg.dataset)
@@ -38,8 +40,8 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
 
     task.set_loss(cfg.loss, splits, model)
     batch = cfg.trainer.eval_batch_size or 2 * cfg.trainer.batch_size
-    options = data.LoaderOptions(device, cfg.trainer.num_workers)
-    result = evaluate(task, model, data.make_loader(splits, cfg.split, batch, options), device, cfg.trainer.precision)
+    options = loading.LoaderOptions(device, cfg.trainer.num_workers)
+    result = evaluate(task, model, loading.make_loader(splits, cfg.split, batch, options), device, cfg.trainer.precision)
 
     samples = len(getattr(splits, cfg.split))
     report = {"checkpoint": str(ckpt.resolve()), "split": cfg.split, "samples": samples, **info, **result}
@@ -50,7 +52,7 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
         console.print_class_report(info["classes"], result)
     log.info(f"wrote {out_dir / 'eval.json'}")
     try:
-        from sft_cli.report import eval_report  # matplotlib, only now
+        from sft_cli.results.report import eval_report  # matplotlib, only now
 
         log.info(f"report: {eval_report(out_dir)}")
     except Exception as error:  # the evaluation is written; a plot that fails is a warning

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from sft_cli import checkpoint
 from sft_cli.errors import SFTError
+from sft_cli.training import checkpoint, restore
 
 log = logging.getLogger("sft_cli.export")
 
@@ -32,7 +32,7 @@ def export(cfg: DictConfig) -> Path:
                        "adapter=none): leave merge at its default, true.")
     if adapter and merge and "dtype" in cfg.model:
         cfg.model.dtype = "float32"  # a LoRA update merged into bf16 weights would be rounded away
-    _, model = checkpoint.load_model(cfg, ckpt, torch.device("cpu"))
+    _, model = restore.load_model(cfg, ckpt, torch.device("cpu"))
     tokenizer = getattr(model, "tokenizer", None)
     if adapter and not merge:
         if model.sft_in_full:

@@ -9,93 +9,30 @@ import io
 import json
 import logging
 import os
-import statistics
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from sft_cli import config, console
+from sft_cli import checks, config
 from sft_cli.errors import SFTError
+from sft_cli.results import console, folders
+from sft_cli.results.folders import FINISHED, override_key, read_json
 
 log = logging.getLogger("sft_cli.sweep")
 
-COLUMNS = ["rank", "run", "overrides", "monitor", "best_value", "test_accuracy", "test_macro_f1", "epochs",
-           "wall_time_s", "status", "error"]
-SEED_COLUMNS = ["rank", "overrides", "runs", "seeds", "best_value_mean", "best_value_std", "test_accuracy_mean",
-                "test_accuracy_std", "failed"]
-FINISHED = ("completed", "early_stopped")
 
-
-def collect(sweep_dir: Path) -> list[dict]:
-    """One row per run folder under `sweep_dir`, best first; runs without summary.json rank last as failed."""
-    runs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=lambda p: (len(p.name), p.name))
-    overrides = {run: list(OmegaConf.load(run / ".hydra" / "overrides.yaml")) for run in runs}
-    shared = set.intersection(*(set(o) for o in overrides.values())) if runs else set()
-    rows = []
-    for run in runs:
-        row = dict.fromkeys(COLUMNS, "")
-        distinct = [o for o in overrides[run] if o not in shared]  # what sets it apart
-        row.update(run=run.name, overrides=" ".join(distinct), distinct=distinct, mode=None, status="failed",
-                   error="no summary.json: the run was killed, or is still running")
-        s = read_summary(run)
-        if s is not None:
-            test = s.get("test") or {}
-            best = s.get("best_value")
-            row.update(monitor=s.get("monitor", ""), best_value="" if best is None else best, mode=s.get("mode"),
-                       epochs=s.get("epochs", ""), wall_time_s=s.get("wall_time_s", ""), error=s.get("error", ""),
-                       status=s.get("status", "") + (" (reused)" if s.get("reused_from") else ""),
-                       test_accuracy=test.get("accuracy", ""), test_macro_f1=test.get("macro_f1", ""))
-        rows.append(row)
-    return _ranked(rows, "best_value")
-
-
-def by_seed(rows: list[dict]) -> list[dict]:
-    """Runs whose overrides differ only in `seed` are one configuration: the mean and the sample standard
-    deviation (n - 1) of best_value and test accuracy over its finished runs, best mean first."""
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        key = " ".join(o for o in row["distinct"] if _key(o) != "seed")
-        groups.setdefault(key, []).append(row)
-    out = []
-    for key, members in groups.items():
-        done = [r for r in members if isinstance(r["best_value"], float)]
-        group = {"overrides": key, "runs": len(done), "failed": len(members) - len(done),
-                 "mode": next((r["mode"] for r in done), None),
-                 "seeds": " ".join(o.split("=", 1)[1] for r in sorted(done, key=lambda r: (len(r["run"]), r["run"]))
-                                   for o in r["distinct"] if _key(o) == "seed")}
-        for column in ("best_value", "test_accuracy"):
-            values = [r[column] for r in done if isinstance(r[column], float)]
-            group[f"{column}_mean"] = statistics.mean(values) if values else ""
-            group[f"{column}_std"] = statistics.stdev(values) if len(values) > 1 else ""
-        out.append(group)
-    return _ranked(out, "best_value_mean")
-
-
-def _ranked(rows: list[dict], column: str) -> list[dict]:
-    done = [r for r in rows if isinstance(r[column], float)]
-    done.sort(key=lambda r: -r[column] if r["mode"] == "max" else r[column])
-    ranked = done + [r for r in rows if r not in done]
-    for i, row in enumerate(ranked, 1):
-        row["rank"] = i if row in done else "-"
-    return ranked
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def write(rows: list[dict], sweep_dir: Path, name: str = "summary", columns: list[str] = COLUMNS) -> None:
+def write(rows: list[dict], sweep_dir: Path, columns: list[str], name: str = "summary") -> None:
     """<name>.csv and <name>.md, each written whole and then renamed into place (runs of a joblib sweep end at
     the same time)."""
     table = io.StringIO()
-    writer = csv.DictWriter(table, columns, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(table, columns, restval="", extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
+    cell = lambda value: f"{value:.4f}" if isinstance(value, float) else str(value)  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns) + " |"
-              for r in rows]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     for path, text in ((sweep_dir / f"{name}.csv", table.getvalue()),
                        (sweep_dir / f"{name}.md", "\n".join(lines) + "\n")):
         temporary = path.with_name(f".{path.name}.{os.getpid()}")
@@ -111,24 +48,25 @@ class SweepSummary(Callback):
         # raises "No trials are completed yet" after the last trial when every trial failed.
         if config.hydra.mode == RunMode.MULTIRUN:
             with contextlib.suppress(Exception):  # best effort: on_multirun_end writes the final files
-                write(collect(Path(config.hydra.sweep.dir)), Path(config.hydra.sweep.dir))
+                rows = folders.sweep_runs(Path(config.hydra.sweep.dir))
+                write(rows, Path(config.hydra.sweep.dir), folders.columns(rows))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        rows = collect(sweep_dir)
-        write(rows, sweep_dir)
+        rows = folders.sweep_runs(sweep_dir)
+        write(rows, sweep_dir, folders.columns(rows))
         monitor = next((r["monitor"] for r in rows if r["monitor"]), "")
-        console.print_ranking(rows, [c for c in COLUMNS if c not in ("monitor", "error")],
+        console.print_ranking(rows, [c for c in folders.columns(rows) if c not in ("monitor", "error")],
                               f"sweep ranked by {monitor} ({sweep_dir}/summary.md)")
-        groups = by_seed(rows)
+        groups = folders.by_seed(rows)
         if len(groups) < len(rows):  # some runs differ only in their seed
-            write(groups, sweep_dir, "summary_seeds", SEED_COLUMNS)
-            console.print_ranking(groups, SEED_COLUMNS, f"mean and std over seeds of {monitor} "
+            write(groups, sweep_dir, folders.seed_columns(groups), "summary_seeds")
+            console.print_ranking(groups, folders.seed_columns(groups), f"mean and std over seeds of {monitor} "
                                                         f"({sweep_dir}/summary_seeds.md)")
         try:
-            from sft_cli import report  # matplotlib, only at the end
+            from sft_cli.results import report  # matplotlib, only at the end
 
             console.print_lines([f"sweep report: {report.sweep_report(sweep_dir)}"])
         except Exception as e:  # the ranking files are written; the page is a bonus
@@ -137,13 +75,6 @@ class SweepSummary(Callback):
         if failed:
             console.print_lines([f"{len(failed)} of {len(rows)} runs failed:"]
                                 + [f"  run {r['run']} ({r['overrides']}): {r['error']}" for r in failed])
-
-
-def read_summary(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def record_failure(run_dir: Path, cfg: DictConfig, overrides: list[str], reason: str) -> None:
@@ -158,14 +89,14 @@ def record_failure(run_dir: Path, cfg: DictConfig, overrides: list[str], reason:
 def record_overrides(run_dir: Path, overrides: list[str]) -> None:
     """Add the run's overrides to its summary.json, so sweep.skip_finished knows the run even after a sweep
     re-run in the same folder has replaced its .hydra/."""
-    summary = read_summary(run_dir)
+    summary = read_json(run_dir / "summary.json")
     if summary is not None:
         (run_dir / "summary.json").write_text(json.dumps(summary | {"overrides": overrides}, indent=2))
 
 
 def _identity(overrides: list[str]) -> list[str]:
     # What makes two runs the same run: the overrides, in any order, less the sweep.* keys
-    return sorted(o for o in overrides if not _key(o).startswith("sweep."))
+    return sorted(o for o in overrides if not override_key(o).startswith("sweep."))
 
 
 def find_finished(root: Path, sweep_dir: Path, run_dir: Path, overrides: list[str]) -> Path | None:
@@ -180,12 +111,12 @@ def find_finished(root: Path, sweep_dir: Path, run_dir: Path, overrides: list[st
                 candidates.append(Path(parent))
     found = []
     for run in candidates:
-        summary = read_summary(run)
+        summary = read_json(run / "summary.json")
         if summary is None or summary.get("status") not in FINISHED:
             continue
         theirs = summary.get("overrides")
         if theirs is None and run != run_dir:  # made before overrides were recorded in summary.json
-            theirs = list(OmegaConf.load(run / ".hydra" / "overrides.yaml"))
+            theirs = folders.read_overrides(run)
         if theirs is not None and _identity(theirs) == want:
             found.append(run)
     return max(found, key=lambda run: (run / "summary.json").stat().st_mtime, default=None)
@@ -194,7 +125,7 @@ def find_finished(root: Path, sweep_dir: Path, run_dir: Path, overrides: list[st
 def reuse(found: Path, run_dir: Path, overrides: list[str]) -> float:
     """Record the finished run `found` as this run (sweep.skip_finished=true): summary.json with its results
     and a pointer to it, where checkpoints/ and metrics still live. Returns its best monitored value."""
-    summary = read_summary(found)
+    summary = read_json(found / "summary.json")
     if found.resolve() != run_dir.resolve():
         summary |= {"reused_from": summary.get("reused_from") or str(found.absolute()), "overrides": overrides}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -225,11 +156,11 @@ def check_config(overrides: list[str]) -> None:
         return  # a syntax or composition error: Hydra reports it next, also before any run
     for key in swept & OmegaConf.missing_keys(cfg):
         OmegaConf.update(cfg, key, "<swept>")  # a required value given only as swept values is not missing
-    config.check(cfg)
+    checks.check(cfg)
     if "task" in cfg:  # the task class says which metrics trainer.monitor may name (imports torch: -m only)
         from hydra.utils import get_class
 
-        config.check_monitor(cfg, get_class(cfg.task._target_).metrics)
+        checks.check_monitor(cfg, get_class(cfg.task._target_).metrics)
     given = config.arg(overrides, "hydra.sweep.dir")  # the default folder is new by construction
     if given and not cfg.sweep.skip_finished and any(Path(given).glob("*/summary.json")):
         raise SFTError(f"hydra.sweep.dir={given} already holds the runs of an earlier sweep; they are left "

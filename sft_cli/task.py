@@ -19,13 +19,29 @@ The model a task builds is an nn.Module with these attributes, set by its builde
 adapters.apply (adapter=lora) then adds `sft_trainable`, the parameter names that may train at all.
 """
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torch.utils.data import Dataset
 
-from sft_cli.data import Splits
+
+@dataclass
+class Splits:
+    """What a task's data() returns: the train/val/test datasets (`test` None when there is no held-out split)
+    and how to batch them. Classifiers also give their class names and the train labels (class weights are
+    computed from them without decoding an input); other tasks leave them out."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset | None
+    classes: list[str] | None = None
+    train_targets: list[int] | None = None
+    collate: Callable | None = None  # the DataLoader's collate_fn (None: torch's default stacking)
+    group_lengths: list[int] | None = None  # train lengths: when set, train batches group similar lengths
 
 
 class Window(Protocol):

@@ -25,10 +25,13 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.optim.lr_scheduler import OneCycleLR, ReduceLROnPlateau
 
-from sft_cli import (adapters, checkpoint, config, console, data, distributed, freeze, loggers, metrics, models, optim,
-                     runtime)
+from sft_cli import checks, config
 from sft_cli.errors import SFTError
-from sft_cli.task import Task
+from sft_cli.models import adapters, freeze, stages
+from sft_cli.results import console, loggers
+from sft_cli.results.metrics_files import MetricsFiles
+from sft_cli.task import Splits, Task
+from sft_cli.training import checkpoint, distributed, loading, optim, runtime
 
 log = logging.getLogger("sft_cli.train")
 
@@ -65,7 +68,7 @@ class Run:
     device: torch.device
     ctx: distributed.Context
     started: float = 0.0                   # time.perf_counter() at the start, less the elapsed time resumed
-    files: metrics.MetricsFiles | None = None
+    files: MetricsFiles | None = None
     within_epoch: dict | None = None       # a checkpoint written within an epoch: where its batches resume
 
 
@@ -83,7 +86,7 @@ class Learner:
 
 def train(cfg: DictConfig, run_dir: Path) -> float:
     """Run the whole recipe; return the best value of trainer.monitor (what sweepers optimise)."""
-    config.check(cfg)
+    checks.check(cfg)
     t = cfg.trainer
     if t.devices > 1 and not distributed.under_torchrun():  # sft-train trainer.devices=N: start N processes
         return distributed.launch(list(HydraConfig.get().overrides.task), run_dir, t.devices, t.device)
@@ -91,7 +94,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     run_dir = Path(distributed.broadcast_object(str(run_dir), ctx))  # the folder rank 0's Hydra made
     _check_processes(cfg, run_dir, ctx, device)
     task = config.build(cfg.task)
-    config.check_monitor(cfg, task.metrics)
+    checks.check_monitor(cfg, task.metrics)
     run = Run(cfg, run_dir, task, device, ctx, started=time.perf_counter())
     if ctx.is_main:
         console.print_config(cfg)
@@ -108,11 +111,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             cfg.dataset[key] = to_absolute_path(cfg.dataset[key])
     log.info(f"task <{cfg.task._target_}>, dataset <{cfg.dataset._target_}>")
     splits = task.data(cfg.dataset)
-    loading = data.LoaderOptions(device, t.num_workers, t.persistent_workers, cfg.seed, ctx)
+    options = loading.LoaderOptions(device, t.num_workers, t.persistent_workers, cfg.seed, ctx)
     batch = t.batch_size // ctx.world_size  # per process; the global batch is what the config says
     eval_batch = t.eval_batch_size or 2 * batch
-    train_loader = data.make_loader(splits, "train", batch, loading)
-    val_loader = data.make_loader(splits, "val", eval_batch, loading)
+    train_loader = loading.make_loader(splits, "train", batch, options)
+    val_loader = loading.make_loader(splits, "val", eval_batch, options)
     log.info(f"{len(splits.train)} train / {len(splits.val)} val / "
              f"{len(splits.test) if splits.test is not None else 0} test examples")
 
@@ -132,7 +135,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
 
     # Loss, optimizer and lr schedule
     task.set_loss(cfg.loss, splits, model)
-    optimizer = optim.build_optimizer(cfg.optimizer, cfg.param_groups, model, models.head_name(model))
+    optimizer = optim.build_optimizer(cfg.optimizer, cfg.param_groups, model, stages.head_name(model))
     steps_per_epoch = math.ceil(len(train_loader) / t.accumulate_grad_batches)
     total_steps = min(t.max_steps or math.inf, steps_per_epoch * t.max_epochs)  # what the schedule plans for
     scheduler = config.build(cfg.scheduler, optimizer, num_training_steps=total_steps, steps_per_epoch=steps_per_epoch)
@@ -143,7 +146,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     state = resume(run, learner, total_steps) if cfg.resume else TrainState()
     run.started -= state.elapsed
     trackers = loggers.build(cfg.logger, run_dir, cfg, enabled=ctx.is_main)  # after resume copied their history
-    run.files = metrics.MetricsFiles(run_dir, task.metrics, enabled=ctx.is_main, trackers=trackers)
+    run.files = MetricsFiles(run_dir, task.metrics, enabled=ctx.is_main, trackers=trackers)
     if state.step == 0:
         write_samples(run, model, state)  # a language model's answers before training, to compare with later ones
 
@@ -155,7 +158,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         _freeze_for_epoch(policy, learner, epoch, run)
         if ctx.enabled:  # each rank its own augmentations, reproducible per (seed, epoch, rank) when resumed
             torch.manual_seed(cfg.seed + 1_000_003 * epoch + ctx.rank)
-        data.set_epoch(train_loader, epoch)
+        loading.set_epoch(train_loader, epoch)
         train_stats = train_one_epoch(run, learner, train_loader, state)
         state.epoch, state.batch = epoch + 1, 0
         row = {"epoch": state.epoch, "step": state.step, "lr": base_lr(optimizer),
@@ -175,7 +178,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     best_dir = run_dir / "checkpoints" / "best"
     test = None
     if splits.test is not None:
-        details = test_best(run, model, splits, state, data.make_loader(splits, "test", eval_batch, loading))
+        details = test_best(run, model, splits, state, loading.make_loader(splits, "test", eval_batch, options))
         test = {k: details[k] for k in (*task.metrics, "samples")}
         if ctx.is_main:  # per-class scores and the confusion matrix, for reports
             (run_dir / "test.json").write_text(json.dumps({**task.info(), **details}, indent=2))
@@ -202,7 +205,9 @@ def write_report(run_dir: Path) -> None:
     """plots/ and report.html from the run's files (what `sft-report <run>` redraws). A failure here (a full
     disk, a broken font cache) is a warning: the run itself has finished and its files are written."""
     try:
-        from sft_cli import report  # matplotlib: loaded only once the run is done
+        from sft_cli.results import (
+            report,  # matplotlib: loaded only once the run is done
+        )
 
         log.info(f"report: {report.run_report(run_dir)}")
     except Exception as e:
@@ -257,7 +262,7 @@ def _check_something_trains(model: nn.Module, epoch: int, cfg: DictConfig) -> No
 
 def _frozen_stages(policy, model: nn.Module, epoch: int) -> list[str]:
     """The policy's frozen stages for `epoch`, less the layers created from scratch (a new head), which train."""
-    frozen = policy.frozen(model.sft_stages, models.head_name(model), epoch)
+    frozen = policy.frozen(model.sft_stages, stages.head_name(model), epoch)
     return [s for s in frozen if s not in model.sft_new_stages]
 
 
@@ -292,7 +297,7 @@ def train_one_epoch(run: Run, learner: Learner, loader, state: TrainState) -> di
         bar_id = bar.add_task(f"epoch {state.epoch + 1}", total=len(loader), completed=state.batch, info="") \
             if bar else None
         for i, batch in enumerate(batches, start=state.batch):
-            batch = data.to_device(batch, device)
+            batch = loading.to_device(batch, device)
             stepping = (i + 1) % accumulate == 0 or i + 1 == len(loader)
             with contextlib.nullcontext() if stepping or not ctx.enabled else learner.trained.no_sync():
                 with runtime.autocast(device, t.precision):
@@ -397,7 +402,7 @@ def validate(run: Run, learner: Learner, loader, state: TrainState, row: dict) -
     return improved
 
 
-def test_best(run: Run, model: nn.Module, splits: data.Splits, state: TrainState, loader) -> dict:
+def test_best(run: Run, model: nn.Module, splits: Splits, state: TrainState, loader) -> dict:
     """The best checkpoint's result on the test split. A test split that is the validation split (the same
     file) was evaluated with the best weights already: that result is reused, not computed twice. The best
     weights are loaded only when the model does not hold them (the last validation was not the best)."""
@@ -434,7 +439,7 @@ def evaluate(task: Task, model: nn.Module, loader, device: torch.device, precisi
     window = task.window(device)
     with torch.inference_mode(), runtime.autocast(device, precision):
         for batch in loader:
-            window.add(task.loss(model, data.to_device(batch, device))[2])
+            window.add(task.loss(model, loading.to_device(batch, device))[2])
     result = window.read()
     return result | window.details() | {"samples_per_s": result["samples"] / (time.perf_counter() - start)}
 

@@ -70,14 +70,14 @@ def test_merged_and_adapter_exports_give_the_logits_of_base_plus_adapter(text_lo
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from sft_cli import checkpoint
+    from sft_cli.training import checkpoint, restore
 
     ckpt = text_lora / "run" / "checkpoints" / "best"
     ok(run_cli("sft-export", f"checkpoint={ckpt}", "output=merged", cwd=text_lora))
     ok(run_cli("sft-export", f"checkpoint={ckpt}", "output=adapter", "merge=false", cwd=text_lora))
     tokenizer = AutoTokenizer.from_pretrained(text_lora / "merged")
     batch = dict(tokenizer(["great film", "awful book it was"], padding=True, return_tensors="pt"))
-    _, ours = checkpoint.load_model(checkpoint.load_config(ckpt), ckpt, torch.device("cpu"))
+    _, ours = restore.load_model(checkpoint.load_config(ckpt), ckpt, torch.device("cpu"))
     merged = AutoModelForSequenceClassification.from_pretrained(text_lora / "merged").eval()
     base = AutoModelForSequenceClassification.from_pretrained(text_lora / "tiny-bert", num_labels=2)
     adapter = PeftModel.from_pretrained(base, text_lora / "adapter").eval()
@@ -125,7 +125,7 @@ def test_a_lora_causal_lm_learns_and_exports_a_peft_folder_that_generates_the_sa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from sft_cli import checkpoint
+    from sft_cli.training import checkpoint, restore
 
     rows = [json.loads(line) for line in (chat_lora / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r["loss"] for r in rows if r["split"] == "val"]
@@ -139,7 +139,7 @@ def test_a_lora_causal_lm_learns_and_exports_a_peft_folder_that_generates_the_sa
     ok(run_cli("sft-export", f"checkpoint={ckpt}", "output=adapter", "merge=false", cwd=chat_lora))
     base = AutoModelForCausalLM.from_pretrained(chat_lora / "tiny-llama")
     adapter = PeftModel.from_pretrained(base, chat_lora / "adapter").eval()
-    _, ours = checkpoint.load_model(checkpoint.load_config(ckpt), ckpt, torch.device("cpu"))
+    _, ours = restore.load_model(checkpoint.load_config(ckpt), ckpt, torch.device("cpu"))
     ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
     with torch.inference_mode():
         torch.testing.assert_close(adapter(input_ids=ids).logits, ours({"input_ids": ids}), atol=1e-5, rtol=1e-4)
@@ -161,7 +161,7 @@ def test_a_kill_within_an_epoch_resumes_lora_training_bitwise(tmp_path: Path):
 def test_lora_on_a_resnets_upper_blocks_trains_convolutions_and_exports_merged_weights(tmp_path: Path):
     from torchvision import models
 
-    from sft_cli import checkpoint
+    from sft_cli.training import checkpoint, restore
 
     torch.manual_seed(0)
     torch.save(models.resnet18(num_classes=1000).state_dict(), tmp_path / "resnet18-base.pth")  # the "pretrained" base
@@ -183,7 +183,7 @@ def test_lora_on_a_resnets_upper_blocks_trains_convolutions_and_exports_merged_w
     plain = models.resnet18(num_classes=10)
     plain.load_state_dict(load_file(tmp_path / "merged" / "model.safetensors"))
     cfg = checkpoint.load_config(ckpt)
-    _, ours = checkpoint.load_model(cfg, ckpt, torch.device("cpu"))
+    _, ours = restore.load_model(cfg, ckpt, torch.device("cpu"))
     images = torch.randn(4, 3, 16, 16)
     with torch.inference_mode():
         torch.testing.assert_close(plain.eval()(images), ours(images), atol=1e-4, rtol=1e-4)
@@ -193,26 +193,28 @@ def test_lora_on_a_resnets_upper_blocks_trains_convolutions_and_exports_merged_w
 
 
 def tiny_classifier(tmp_path: Path):
-    from sft_cli import models
+    from sft_cli.models import hf
 
     write_tiny_bert(tmp_path / "tiny-bert")
-    return models.hf_classifier(str(tmp_path / "tiny-bert"), ["neg", "pos"])
+    return hf.hf_classifier(str(tmp_path / "tiny-bert"), ["neg", "pos"])
 
 
 def lora(**overrides):
-    return OmegaConf.create({"_target_": "sft_cli.adapters.LoRA", "r": 4, "alpha": 8, "dropout": 0.0,
+    return OmegaConf.create({"_target_": "sft_cli.models.adapters.LoRA", "r": 4, "alpha": 8, "dropout": 0.0,
                              "target_modules": None, "bias": "none", "modules_to_save": [], **overrides})
 
 
 def test_only_adapter_and_head_parameters_change_when_the_optimizer_steps(tmp_path: Path):
-    from sft_cli import adapters, freeze, models, optim
+    from sft_cli.models import adapters, freeze
+    from sft_cli.models.stages import head_name
+    from sft_cli.training import optim
 
     model = adapters.apply(tiny_classifier(tmp_path), lora())
     freeze.apply(model, model.sft_stages, [])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt_cfg = OmegaConf.create({"_target_": "torch.optim.AdamW", "lr": 1e-2, "weight_decay": 0.01})
     optimizer = optim.build_optimizer(opt_cfg, OmegaConf.create({"head_lr": None, "layer_decay": None}), model,
-                                      models.head_name(model))
+                                      head_name(model))
     inputs = dict(model.tokenizer(["good film", "bad book"], padding=True, return_tensors="pt"))
     for _ in range(3):
         torch.nn.functional.cross_entropy(model(inputs), torch.tensor([1, 0])).backward()
@@ -227,7 +229,7 @@ def test_only_adapter_and_head_parameters_change_when_the_optimizer_steps(tmp_pa
 
 
 def test_freeze_policies_still_decide_which_stages_adapters_train_in(tmp_path: Path):
-    from sft_cli import adapters, freeze
+    from sft_cli.models import adapters, freeze
 
     model = adapters.apply(tiny_classifier(tmp_path), lora())
     frozen = [name for name, _ in model.sft_stages if name not in model.sft_new_stages][:2]  # the embeddings, layer 0
@@ -237,22 +239,23 @@ def test_freeze_policies_still_decide_which_stages_adapters_train_in(tmp_path: P
 
 
 def test_target_modules_that_match_nothing_and_a_missing_peft_are_config_errors(tmp_path: Path, monkeypatch):
-    from sft_cli import adapters, config
+    from sft_cli import checks
     from sft_cli.errors import SFTError
+    from sft_cli.models import adapters
 
     with pytest.raises(SFTError, match=r"adapter.target_modules names \['q_proj'\].*query"):
         adapters.apply(tiny_classifier(tmp_path), lora(target_modules=["q_proj"]))
 
     cfg = OmegaConf.create({"adapter": {"r": 8}, "model": {"weights": "pretrained"}})
-    real = config.importlib.util.find_spec
-    monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: None if name == "peft" else real(name))
-    assert any('pip install "sft-cli[peft]"' in p for p in config._adapter_problems(cfg))
+    real = checks.importlib.util.find_spec
+    monkeypatch.setattr(checks.importlib.util, "find_spec", lambda name: None if name == "peft" else real(name))
+    assert any('pip install "sft-cli[peft]"' in p for p in checks._adapter_problems(cfg))
     cfg.model.weights = None
-    assert any("randomly initialised base" in p for p in config._adapter_problems(cfg))
+    assert any("randomly initialised base" in p for p in checks._adapter_problems(cfg))
 
 
 def test_the_fingerprint_sees_a_changed_weights_file(tmp_path: Path):
-    from sft_cli.adapters import fingerprint
+    from sft_cli.models.adapters import fingerprint
 
     file = tmp_path / "model.safetensors"
     file.write_bytes(bytes(range(256)) * 40_000)
@@ -270,10 +273,10 @@ def test_the_fingerprint_sees_a_changed_weights_file(tmp_path: Path):
 def test_convolution_models_adapt_what_peft_can_and_keep_batchnorm_statistics():
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    from sft_cli import adapters, freeze, models
     from sft_cli.errors import SFTError
+    from sft_cli.models import adapters, freeze, vision
 
-    mobile = models.torchvision_classifier("mobilenet_v3_small", ["a", "b"])
+    mobile = vision.torchvision_classifier("mobilenet_v3_small", ["a", "b"])
     adapters.apply(mobile, lora(bias="all"))  # depthwise convolutions are left out, not a peft error
     adapted = [n for n, m in mobile.named_modules() if hasattr(m, "lora_A")]
     assert adapted and all(mobile.get_submodule(n).base_layer.groups == 1 for n in adapted if "features" in n)
@@ -281,10 +284,10 @@ def test_convolution_models_adapt_what_peft_can_and_keep_batchnorm_statistics():
     assert all(not m.training for n, m in mobile.named_modules() if isinstance(m, _BatchNorm))
 
     # a new stem trains in full beside the adapter, although peft cannot tell its conv1 from every block's
-    cifar = adapters.apply(models.torchvision_classifier("resnet18", ["a", "b"], small_input_stem=True), lora())
+    cifar = adapters.apply(vision.torchvision_classifier("resnet18", ["a", "b"], small_input_stem=True), lora())
     assert {"conv1.weight", "bn1.weight"} <= cifar.sft_trainable and "layer1.0.conv1.weight" not in cifar.sft_trainable
     assert "bn1.running_mean" in adapters.adapter_weights(cifar)  # the new BatchNorm's statistics are saved
     freeze.apply(cifar, cifar.sft_stages, [])
     assert cifar.bn1.training and not cifar.layer1[0].bn1.training
     with pytest.raises(SFTError, match=r"adapter.modules_to_save names 'classifier', which matches no module"):
-        adapters.apply(models.torchvision_classifier("resnet18", ["a", "b"]), lora(modules_to_save="classifier"))
+        adapters.apply(vision.torchvision_classifier("resnet18", ["a", "b"]), lora(modules_to_save="classifier"))

@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from sft_cli import config
-from sft_cli.chat_data import (
+from sft_cli.errors import SFTError
+from sft_cli.tasks.causal_lm.chats import (
     ALPACA,
     ALPACA_NO_INPUT,
     IGNORE,
@@ -23,7 +24,6 @@ from sft_cli.chat_data import (
     read_prompts,
     render_prompt,
 )
-from sft_cli.errors import SFTError
 
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -418,7 +418,7 @@ def test_the_yaml_composes_and_binds_to_chat_files():
     with initialize_config_dir(str(Path(config.find_config_dir())), version_base="1.3"):
         cfg = compose("train", overrides=["dataset=chat_files", "model=causal_lm", "model.name_or_path=/m"])
     values = OmegaConf.to_container(cfg.dataset, resolve=True, throw_on_missing=False)
-    assert values["_target_"] == "sft_cli.chat_data.chat_files" and values["tokenizer"] == "/m"
+    assert values["_target_"] == "sft_cli.tasks.causal_lm.chats.chat_files" and values["tokenizer"] == "/m"
     signature = inspect.signature(chat_files)
     signature.bind(**{k: v for k, v in values.items() if not k.startswith("_")})
     defaults = {k: p.default for k, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}

@@ -17,8 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from sft_cli import checkpoint
 from sft_cli.errors import SFTError
+from sft_cli.training import checkpoint
 
 
 def tiny_model():
@@ -215,7 +215,7 @@ def test_clear_stale_removes_dead_processes_leftovers_and_logs_the_space_freed(t
     fake_step(folder, f".step-00000020.tmp-{dead}", mib=3)
     fake_step(folder, f".step-00000030.tmp-{live}")
     (folder / f".best.tmp-{dead}").symlink_to("step-00000010")
-    with caplog.at_level(logging.INFO, logger="sft_cli.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="sft_cli.training.checkpoint"):
         checkpoint.clear_stale(folder)
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         ["best", "last", "step-00000010", f".step-00000030.tmp-{live}"])
@@ -390,7 +390,7 @@ def test_resolve_and_load_config_do_not_import_torch(tmp_path):
     """The CLI's config checks call them and must answer in about a second; importing torch takes longer."""
     run = tmp_path / "run"
     save(run / "checkpoints", 10, ["last", "best"], tiny_model())
-    code = ("import sys; from sft_cli import checkpoint; "
+    code = ("import sys; from sft_cli.training import checkpoint; "
             f"checkpoint.load_config(checkpoint.resolve({str(run)!r})); "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'safetensors.torch'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, run_cli
-from sft_cli import models
 from sft_cli.errors import SFTError
+from sft_cli.models import vision
+
+from conftest import FAST, run_cli
 
 
 def refused(result, *expected: str) -> None:
@@ -40,7 +41,7 @@ def test_config_mistakes(tmp_path: Path, overrides, expected):
 def test_model_mistakes_name_the_key(kwargs, expected):
     # in-process: these raise the same SFTError that the CLI prints (as the tests above show for others)
     with pytest.raises(SFTError) as error:
-        models.torchvision_classifier(classes=["a", "b"], **kwargs)
+        vision.torchvision_classifier(classes=["a", "b"], **kwargs)
     assert expected in str(error.value)
 
 

@@ -14,11 +14,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
+from test_cli_errors import digest, refused
+
+from sft_cli import checks, cli, config, sweep
+from sft_cli.errors import SFTError
 
 from conftest import FAST, run_cli
-from sft_cli import cli, config, sweep
-from sft_cli.errors import SFTError
-from test_cli_errors import digest, refused
 
 CONFIGS = Path(config.find_config_dir())
 QUICK = ["+experiment=quickstart", "trainer.progress_bar=false"]
@@ -82,11 +83,11 @@ def test_a_value_that_needs_no_data_is_refused_before_torch_loads(tmp_path: Path
 
 
 def test_config_check_imports_no_torch():
-    code = ("import sys; from hydra import compose, initialize_config_dir; from sft_cli import config\n"
+    code = ("import sys; from hydra import compose, initialize_config_dir; from sft_cli import checks, config\n"
             "with initialize_config_dir(config.find_config_dir(), version_base='1.3'):\n"
             "    cfg = compose('train', overrides=['+experiment=quickstart', 'trainer.device=cpu'])\n"
-            "config.check(cfg)\n"
-            "assert 'torch' not in sys.modules, 'config.check imported torch'")
+            "checks.check(cfg)\n"
+            "assert 'torch' not in sys.modules, 'checks.check imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -100,12 +101,12 @@ def test_cuda_without_a_gpu_is_refused_before_torch_loads(tmp_path: Path):
 
 def test_no_cuda_reason_decides_only_when_it_is_certain(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
-    assert "CUDA_VISIBLE_DEVICES" in config.no_cuda_reason()
+    assert "CUDA_VISIBLE_DEVICES" in checks.no_cuda_reason()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     monkeypatch.setattr(sys, "platform", "darwin")
-    assert "macOS" in config.no_cuda_reason()
+    assert "macOS" in checks.no_cuda_reason()
     monkeypatch.setattr(sys, "platform", "win32")
-    assert config.no_cuda_reason() is None  # left to torch (runtime.pick_device)
+    assert checks.no_cuda_reason() is None  # left to torch (runtime.pick_device)
 
 
 def test_resume_from_a_folder_without_a_checkpoint_names_the_folder(tmp_path: Path):
@@ -207,7 +208,7 @@ def test_an_existing_export_output_file_is_refused_before_the_model_loads(tmp_pa
 def test_torchrun_starts_the_entry_point_module(tmp_path: Path, monkeypatch):
     result = subprocess.run([sys.executable, "-m", "sft_cli.cli"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 1 and "+experiment=NAME" in result.stderr  # train_main ran
-    from sft_cli import distributed
+    from sft_cli.training import distributed
 
     calls = []
     monkeypatch.setattr(distributed.subprocess, "call", lambda command: calls.append(command) or 0)
@@ -232,9 +233,9 @@ class FakeTask:
 def test_the_monitor_must_be_a_metric_the_task_reports():
     cfg = OmegaConf.create({"trainer": {"monitor": "val/acc"}})
     with pytest.raises(SFTError, match=r"trainer.monitor='val/acc' is not one of: val/accuracy, val/bleu, val/loss$"):
-        config.check_monitor(cfg, FakeTask.metrics)
+        checks.check_monitor(cfg, FakeTask.metrics)
     cfg.trainer.monitor = "val/bleu"
-    config.check_monitor(cfg, FakeTask.metrics)
+    checks.check_monitor(cfg, FakeTask.metrics)
 
 
 def test_a_sweep_checks_the_monitor_against_the_task_class():

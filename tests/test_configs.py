@@ -9,7 +9,7 @@ from hydra._internal.utils import _locate
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from sft_cli import config
+from sft_cli import checks, config
 from sft_cli.errors import SFTError
 
 CONFIGS = Path(config.find_config_dir())
@@ -70,9 +70,9 @@ def test_every_experiment_composes_binds_and_documents_itself(name):
     required = {"image_folder": "root", "text_classification": "train_file", "chat_sft": "train_file"}
     if name in required:
         with pytest.raises(SFTError, match=rf"dataset.{required[name]}=\.\.\."):
-            config.check(cfg)
+            checks.check(cfg)
         cfg.dataset[required[name]] = "/my/data"
-    config.check(cfg)
+    checks.check(cfg)
     header = (CONFIGS / "experiment" / f"{name}.yaml").read_text().splitlines()[:8]
     assert any(f"+experiment={name}" in line for line in header) and any("expect" in line for line in header)
 
@@ -97,7 +97,8 @@ def test_eval_config_composes_over_a_checkpoint_config():
 
 
 def test_the_trainer_schema_holds_types_and_the_yaml_every_value():
-    from dataclasses import MISSING as NO_DEFAULT, fields
+    from dataclasses import MISSING as NO_DEFAULT
+    from dataclasses import fields
 
     schema = {f.name: f.default for f in fields(config.TrainerSchema)}
     assert all(default == "???" for default in schema.values()) and NO_DEFAULT not in schema.values()

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sft_cli.training import distributed
+
 from conftest import FAST, ok, read_json, run_cli
-from sft_cli import distributed
 
 # Global batch 128 (64 per process) and 1,300 train images: 11 optimizer steps per epoch either way.
 # test_size=0.15 leaves 269 test images: not a multiple of 2 processes x 256 (the eval batch).

@@ -11,11 +11,14 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from fixtures import separable_images, write_cifar10, write_image_folder
-from sft_cli import data, fast_data
-from sft_cli.distributed import Context
 from sft_cli.errors import SFTError
-from sft_cli.fast_data import TensorImages
+from sft_cli.task import Splits
+from sft_cli.tasks.classification import fast
+from sft_cli.tasks.classification import images as image_data
+from sft_cli.tasks.classification.fast import TensorImages
+from sft_cli.training.distributed import Context
+
+from fixtures import separable_images, write_cifar10, write_image_folder
 
 CPU = torch.device("cpu")
 RAW = dict(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])  # no normalisation: output x 255 gives the pixels back
@@ -65,7 +68,7 @@ def test_crops_and_flips_have_the_torchvision_distribution():
     torch.manual_seed(0)
     fast = TensorImages(image[None].expand(n, -1, -1, -1), torch.zeros(n), True, tf).loader(500, True, CPU)
     fast_counts = counts(torch.cat([x for x, _ in fast]))
-    reference = data.image_transforms(True, tf)
+    reference = image_data.image_transforms(True, tf)
     torchvision_counts = counts(torch.stack([reference(image) for _ in range(n)]))
     for c in (fast_counts, torchvision_counts):  # 50 equally likely outcomes: 40 each expected
         assert set(c) == set(outcomes) and 20 <= min(c.values()) and max(c.values()) <= 60
@@ -76,7 +79,7 @@ def test_normalised_training_batches_have_the_torchvision_mean_and_std():
     images = torch.from_numpy(images).permute(0, 3, 1, 2)
     torch.manual_seed(0)
     fast = torch.cat([x for x, _ in TensorImages(images, torch.zeros(400), True, CIFAR).loader(128, True, CPU)])
-    reference = data.image_transforms(True, CIFAR)
+    reference = image_data.image_transforms(True, CIFAR)
     slow = torch.stack([reference(image) for image in images])
     assert fast.shape == slow.shape == (400, 3, 32, 32)
     # per channel; without the zero-filled padding the mean would be off by about 0.12
@@ -158,11 +161,11 @@ def test_ddp_training_shards_are_equal_and_follow_distributed_sampler():
 def test_evaluation_images_equal_the_torchvision_ones_bit_for_bit(channels, native, tf, resize_per_batch,
                                                                   monkeypatch):
     if resize_per_batch:  # as with images too large to resize once in memory (CIFAR at 224x224)
-        monkeypatch.setattr(fast_data, "RESIZE_ONCE_BYTES", 0)
+        monkeypatch.setattr(fast, "RESIZE_ONCE_BYTES", 0)
     images = torch.randint(0, 256, (20, channels, native, native), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
     split = TensorImages(images, torch.arange(20), False, tf)
-    reference = data.image_transforms(False, tf)
+    reference = image_data.image_transforms(False, tf)
     expected = torch.stack([reference(image) for image in images])
     batches = torch.cat([x for x, _ in split.loader(8, shuffle=False, device=CPU)])
     assert torch.equal(batches, expected)
@@ -176,15 +179,15 @@ def cifar_root(tmp_path_factory):
     return root
 
 
-def cifar_splits(root, **kwargs) -> data.Splits:
-    return data.torchvision_dataset("CIFAR10", str(root), download=False, verify=False, val_size=50, split_seed=0,
+def cifar_splits(root, **kwargs) -> Splits:
+    return image_data.torchvision_dataset("CIFAR10", str(root), download=False, verify=False, val_size=50, split_seed=0,
                                     transforms={**CIFAR, **kwargs.pop("transforms", {})}, **kwargs)
 
 
 def test_cifar_runs_the_fast_pipeline_by_default_with_the_same_splits_and_images(cifar_root):
     fast, slow = cifar_splits(cifar_root), cifar_splits(cifar_root, pipeline="torchvision")
     assert all(isinstance(s, TensorImages) for s in (fast.train, fast.val, fast.test))
-    assert isinstance(slow.train, data.Transformed)
+    assert isinstance(slow.train, image_data.Transformed)
     assert fast.train_targets == slow.train_targets and fast.val.indices == slow.val.indices
     for a, b in ((fast.val, slow.val), (fast.test, slow.test)):
         assert all(torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1] for i in range(len(b)))
@@ -193,13 +196,13 @@ def test_cifar_runs_the_fast_pipeline_by_default_with_the_same_splits_and_images
 def test_pipeline_fast_names_the_key_and_the_fix_when_it_cannot_apply(cifar_root, tmp_path):
     with pytest.raises(SFTError, match="dataset.pipeline=fast .*train_crop=resized.*dataset.pipeline=torchvision"):
         cifar_splits(cifar_root, pipeline="fast", transforms={"train_crop": "resized"})
-    assert isinstance(cifar_splits(cifar_root, transforms={"train_crop": "resized"}).train, data.Transformed)  # auto
+    assert isinstance(cifar_splits(cifar_root, transforms={"train_crop": "resized"}).train, image_data.Transformed)  # auto
     write_image_folder(tmp_path, ["ant", "bee"], per_class=5, size=8)
     folder = dict(image_size=8, train_crop="pad", crop_padding=1, hflip=True, eval_resize=8, **RAW)
     with pytest.raises(SFTError, match="dataset.pipeline=fast .*image folder.*dataset.pipeline=torchvision"):
-        data.image_folder(str(tmp_path), val_size=0.2, split_seed=0, transforms=folder, pipeline="fast")
-    assert isinstance(data.image_folder(str(tmp_path), val_size=0.2, split_seed=0, transforms=folder).train,
-                      data.Transformed)
+        image_data.image_folder(str(tmp_path), val_size=0.2, split_seed=0, transforms=folder, pipeline="fast")
+    assert isinstance(image_data.image_folder(str(tmp_path), val_size=0.2, split_seed=0, transforms=folder).train,
+                      image_data.Transformed)
     with pytest.raises(SFTError, match="dataset.pipeline='gpu' is not one of: auto, fast, torchvision"):
         cifar_splits(cifar_root, pipeline="gpu")
 
@@ -208,7 +211,7 @@ def test_a_digits_config_saved_before_dataset_pipeline_existed_still_builds():
     old = dict(val_size=0.15, test_size=0.2, split_seed=0,  # no `pipeline` key, as in older checkpoints
                transforms=dict(image_size=16, train_crop="pad", crop_padding=2, hflip=False, eval_resize=16,
                                mean=[0.5] * 3, std=[0.5] * 3))
-    splits = data.sklearn_digits(**old)
+    splits = image_data.sklearn_digits(**old)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (1222, 216, 359)
     assert isinstance(splits.test, TensorImages) and splits.test[0][0].shape == (3, 16, 16)
 

@@ -1,24 +1,26 @@
-"""Freeze policies and stages (sft_cli.freeze) on real torchvision backbones, built with weights=None."""
+"""Freeze policies and stages (sft_cli.models.freeze) on real torchvision backbones, built with weights=None."""
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from sft_cli import freeze, models, optim
 from sft_cli.errors import SFTError
+from sft_cli.models import freeze, vision
+from sft_cli.models.stages import head_name
+from sft_cli.training import optim
 
 RESNET_STAGES = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
 
 
 def resnet18():
     torch.manual_seed(0)
-    return models.torchvision_classifier("resnet18", classes=list("abcde"), weights=None, stem=["conv1", "bn1"], expand=[])
+    return vision.torchvision_classifier("resnet18", classes=list("abcde"), weights=None, stem=["conv1", "bn1"], expand=[])
 
 
 @pytest.fixture(scope="module")
 def vit():
-    return models.torchvision_classifier("vit_b_16", classes=list("abcde"), weights=None,
+    return vision.torchvision_classifier("vit_b_16", classes=list("abcde"), weights=None,
                                          stem=["class_token", "conv_proj", "encoder.pos_embedding"],
                                          expand=["encoder", "encoder.layers", "heads"])
 
@@ -47,12 +49,12 @@ def test_resnet18_stages_are_stem_layers_and_head():
     model = resnet18()
     assert model.sft_stages == [("stem", ["conv1", "bn1"]), ("layer1", ["layer1"]), ("layer2", ["layer2"]),
                                 ("layer3", ["layer3"]), ("layer4", ["layer4"]), ("fc", ["fc"])]
-    assert models.head_name(model) == "fc"
+    assert head_name(model) == "fc"
 
 
 def test_unknown_stem_name_is_an_error_naming_model_stem():
     with pytest.raises(SFTError, match="model.stem"):
-        models.torchvision_classifier("resnet18", classes=list("abcde"), weights=None, stem=["conv9"], expand=[])
+        vision.torchvision_classifier("resnet18", classes=list("abcde"), weights=None, stem=["conv9"], expand=[])
 
 
 def test_head_only_trains_fc_alone_and_puts_other_batchnorms_in_eval():
@@ -153,12 +155,12 @@ def test_gradual_rejects_every_n_epochs_below_one():
 
 
 def test_mobilenet_v3_small_stages_expand_features_and_classifier():
-    model = models.torchvision_classifier("mobilenet_v3_small", classes=list("abcde"), weights=None,
+    model = vision.torchvision_classifier("mobilenet_v3_small", classes=list("abcde"), weights=None,
                                           stem=["features.0"], expand=["features", "classifier"])
     names = [name for name, _ in model.sft_stages]
     assert names == ["stem"] + [f"features.{i}" for i in range(1, 13)] + ["classifier.0", "classifier.3"]
     assert model.sft_stages[0] == ("stem", ["features.0"])
-    head = models.head_name(model)
+    head = head_name(model)
     assert head == "classifier.3"
     assert freeze.HeadOnly().frozen(model.sft_stages, head, 0) == names[:-1]
     counts = freeze.parameter_counts(model, model.sft_stages)
@@ -173,7 +175,7 @@ def test_vit_b_16_stages_hold_every_parameter_exactly_once(vit):
     assert names[1:13] == [f"encoder.layers.encoder_layer_{i}" for i in range(12)]
     assert sum("encoder_layer" in n for n in names) == 12
     assert names[-2:] == ["encoder.ln", "heads.head"]
-    assert models.head_name(vit) == "heads.head"
+    assert head_name(vit) == "heads.head"
     # every parameter belongs to exactly one stage
     for name, _ in vit.named_parameters():
         stage_of(stages, name)

@@ -9,10 +9,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sft_cli import chat_data, checkpoint
-from sft_cli import generate as gen
 from sft_cli.errors import SFTError
-from sft_cli.generate import GenerationOptions
+from sft_cli.tasks.causal_lm import chats
+from sft_cli.tasks.causal_lm import generate as gen
+from sft_cli.tasks.causal_lm.generate import GenerationOptions
+from sft_cli.training import checkpoint, restore
 
 SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "good answers are short and clear",
              "bad answers ramble on and on", "summarise this text please", "hello world how are you"]
@@ -114,7 +115,7 @@ def test_bad_options_are_refused_with_the_key(options, message):
         GenerationOptions(**options)
 
 
-# sft-predict, with the checkpoint loading and chat_data stubbed (the task and chat_data are written elsewhere)
+# sft-predict, with the checkpoint loading and chats stubbed (the task and chats are written elsewhere)
 
 def predict_cfg(tmp_path, **overrides):
     cfg = {"checkpoint": str(tmp_path / "ckpt"), "prompt": None, "input": None, "output": None, "overwrite": False,
@@ -125,14 +126,14 @@ def predict_cfg(tmp_path, **overrides):
 
 @pytest.fixture
 def loaded(model, tokenizer, monkeypatch):
-    """checkpoint.load_model gives the tiny model and render_prompt renders ChatML (chat_data's own rendering is
+    """restore.load_model gives the tiny model and render_prompt renders ChatML (chats' own rendering is
     tested with it). Returns the list of load_model calls."""
-    monkeypatch.setattr(chat_data, "render_prompt", lambda tok, prompt_format, item: chat(item))
+    monkeypatch.setattr(chats, "render_prompt", lambda tok, prompt_format, item: chat(item))
     calls = []
     task = types.SimpleNamespace(info=lambda: {"prompt_format": {"format": "chat", "fields": {}}})
     wrapper = types.SimpleNamespace(model=model, tokenizer=tokenizer)
     monkeypatch.setattr(checkpoint, "resolve", lambda path: path)
-    monkeypatch.setattr(checkpoint, "load_model", lambda cfg, ckpt, device: calls.append(ckpt) or (task, wrapper))
+    monkeypatch.setattr(restore, "load_model", lambda cfg, ckpt, device: calls.append(ckpt) or (task, wrapper))
     return calls
 
 

@@ -17,8 +17,9 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.utils import _locate
 from omegaconf import OmegaConf
 
-from sft_cli import config, loggers
+from sft_cli import config
 from sft_cli.errors import SFTError
+from sft_cli.results import loggers
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
@@ -52,8 +53,8 @@ def make_cfg(name: str, uri: str | None = None, lr: float = 0.1):
         "optimizer": {"_target_": "torch.optim.AdamW", "lr": lr, "betas": [0.9, 0.99]},
         "trainer": {"monitor": "val/accuracy", "max_epochs": 2},
         "dataset": {"classes": "x" * 7000, "size": "${trainer.max_epochs}"},  # longer than MLflow takes
-        "logger": {"tensorboard": {"_target_": "sft_cli.loggers.TensorBoard", "log_dir": "tensorboard"},
-                   "mlflow": {"_target_": "sft_cli.loggers.MLflow", "tracking_uri": uri, "experiment": None,
+        "logger": {"tensorboard": {"_target_": "sft_cli.results.loggers.TensorBoard", "log_dir": "tensorboard"},
+                   "mlflow": {"_target_": "sft_cli.results.loggers.MLflow", "tracking_uri": uri, "experiment": None,
                               "log_checkpoints": True}}})
 
 
@@ -209,8 +210,8 @@ def test_a_missing_package_names_its_extra(tmp_path, monkeypatch):
 
 
 def test_check_imports_neither_torch_nor_a_tracker():
-    code = ("import sys; from sft_cli import loggers; "
-            "loggers.check({'mlflow': {'_target_': 'sft_cli.loggers.MLflow'}}); "
+    code = ("import sys; from sft_cli.results import loggers; "
+            "loggers.check({'mlflow': {'_target_': 'sft_cli.results.loggers.MLflow'}}); "
             "print(sorted(m for m in ('torch', 'mlflow', 'tensorboard') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
@@ -232,13 +233,13 @@ def configs(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("overrides, layout", [
     ([], {}),
     (["logger=csv"], {}),
-    (["logger=tensorboard"], {"tensorboard": {"_target_": "sft_cli.loggers.TensorBoard", "log_dir": "tensorboard"}}),
+    (["logger=tensorboard"], {"tensorboard": {"_target_": "sft_cli.results.loggers.TensorBoard", "log_dir": "tensorboard"}}),
     (["logger=mlflow", "logger.mlflow.tracking_uri=http://host:5000"],
-     {"mlflow": {"_target_": "sft_cli.loggers.MLflow", "tracking_uri": "http://host:5000", "experiment": None,
+     {"mlflow": {"_target_": "sft_cli.results.loggers.MLflow", "tracking_uri": "http://host:5000", "experiment": None,
                  "log_checkpoints": False}}),
-    (["logger=[tensorboard,mlflow]"], {"tensorboard": {"_target_": "sft_cli.loggers.TensorBoard",
+    (["logger=[tensorboard,mlflow]"], {"tensorboard": {"_target_": "sft_cli.results.loggers.TensorBoard",
                                                        "log_dir": "tensorboard"},
-                                       "mlflow": {"_target_": "sft_cli.loggers.MLflow", "tracking_uri": None,
+                                       "mlflow": {"_target_": "sft_cli.results.loggers.MLflow", "tracking_uri": None,
                                                   "experiment": None, "log_checkpoints": False}}),
 ])
 def test_every_spelling_composes(configs, overrides, layout, tmp_path):

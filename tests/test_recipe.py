@@ -4,9 +4,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from sft_cli import distributed, loss, optim
-from sft_cli.classification import Classification
+from sft_cli.tasks.classification import loss
+from sft_cli.tasks.classification.task import Classification
 from sft_cli.train import Learner, Run, TrainState, train_one_epoch
+from sft_cli.training import distributed, optim
 
 
 class Records:

@@ -1,6 +1,6 @@
 """report.html and plots/ of a run, a sweep and a causal-LM run, as a user opens them: one self-contained page
 (every plot embedded, no script, nothing fetched) with the command line, the results and the plots; and
-`sft-report <folder>` re-drawing them (run as `python -m sft_cli.report` until the console script exists)."""
+`sft-report <folder>` re-drawing them (run as `python -m sft_cli.results.report` until the console script exists)."""
 
 import csv
 import json
@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ok, read_json, run_cli
 from sft_cli import sweep
-from sft_cli.report import run_report, sweep_report
+from sft_cli.results import folders
+from sft_cli.results.report import run_report, sweep_report
+
+from conftest import ok, read_json, run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CLASSIFIER_PLOTS = {"loss.png", "accuracy.png", "macro_f1.png", "lr.png", "confusion.png", "per_class_f1.png"}
@@ -80,11 +82,11 @@ def test_a_run_report_embeds_every_plot_with_the_command_and_the_results(run: Pa
 def test_sft_report_redraws_a_run_and_refuses_a_folder_that_is_no_run(run: Path, tmp_path: Path):
     shutil.rmtree(run / "plots", ignore_errors=True)
     (run / "report.html").unlink(missing_ok=True)
-    done = ok(run_cli("python", "-m", "sft_cli.report", str(run), cwd=tmp_path))
+    done = ok(run_cli("python", "-m", "sft_cli.results.report", str(run), cwd=tmp_path))
     assert done.stdout.strip() == str(run / "report.html") and pngs(run) == CLASSIFIER_PLOTS
     check_page(run / "report.html")
     (tmp_path / "empty").mkdir()
-    refused = run_cli("python", "-m", "sft_cli.report", "empty", cwd=tmp_path)
+    refused = run_cli("python", "-m", "sft_cli.results.report", "empty", cwd=tmp_path)
     assert refused.returncode == 1 and "Traceback" not in refused.output
     assert refused.stdout == "" and len(refused.stderr.strip().splitlines()) == 1
     assert "empty is not a run folder" in refused.stderr
@@ -113,7 +115,8 @@ def test_a_sweep_report_ranks_the_runs_links_them_and_says_why_one_failed(run: P
     (folder / "2" / ".hydra" / "overrides.yaml").write_text("- +experiment=quickstart\n- optimizer.lr=10.0\n")
     (folder / "2" / "summary.json").write_text(json.dumps({"status": "failed", "error": "diverged",
                                                            "monitor": "val/accuracy", "best_value": None}))
-    sweep.write(sweep.collect(folder), folder)
+    rows = folders.sweep_runs(folder)
+    sweep.write(rows, folder, folders.columns(rows))
 
     html = check_page(sweep_report(folder))
     assert pngs(folder) == {"sweep_optimizer_lr.png", "sweep_val_curves.png"}

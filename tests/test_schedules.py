@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from sft_cli import config, optim
+from sft_cli import config
+from sft_cli.training import optim
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SCHEDULERS = ["constant", "step", "cosine", "linear", "onecycle", "plateau"]
@@ -220,9 +221,9 @@ def test_param_groups_exempt_biases_and_norm_weights_from_decay_and_give_the_hea
 
 
 def test_param_groups_hold_every_parameter_exactly_once_including_frozen_ones():
-    from sft_cli import models
+    from sft_cli.models import vision
 
-    model = models.torchvision_classifier("resnet18", classes=list("abcde"), weights=None, stem=["conv1", "bn1"])
+    model = vision.torchvision_classifier("resnet18", classes=list("abcde"), weights=None, stem=["conv1", "bn1"])
     model.layer1.requires_grad_(False)
     groups = optim.param_groups(model, "fc", lr=0.01, weight_decay=1e-4, head_lr=None)
     listed = [id(p) for g in groups for p in g["params"]]

@@ -12,9 +12,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import ok, read_json, run_cli
 from sft_cli import cli, config, sweep
 from sft_cli.errors import SFTError
+
+from conftest import ok, read_json, run_cli
 
 # One optimizer step of the quickstart at 16x16: each run takes a few seconds.
 TINY = ["+experiment=quickstart", "dataset.transforms.image_size=16", "trainer.max_epochs=1", "trainer.max_steps=1",
@@ -180,8 +181,8 @@ def test_seed_groups_report_mean_std_and_count_and_failures_are_listed(tmp_path:
     for group, numbers in zip(groups, expected):
         assert [float(group[c]) for c in ("best_value_mean", "best_value_std", "test_accuracy_mean",
                                           "test_accuracy_std")] == pytest.approx(numbers, abs=1e-6)
-    assert "| 1 | optimizer.lr=0.01 | 2 | 1 2 | 0.9000 | 0.0707 | 0.9000 | 0.0141 | 0 |" in \
-        (tmp_path / "summary_seeds.md").read_text()
+    assert "| 1 | optimizer.lr=0.01 | 2 | 1 2 | 0.9000 | 0.0707 | 0.9000 | 0.0141 | 0.9000 | 0.0141 | 0 |" in \
+        (tmp_path / "summary_seeds.md").read_text()  # best value, test accuracy, test macro-F1: mean and std
 
     runs = read_csv(tmp_path / "summary.csv")  # the per-run ranking is still there
     assert [r["overrides"] for r in runs[:2]] == ["optimizer.lr=0.01 seed=1", "optimizer.lr=0.01 seed=2"]
@@ -269,3 +270,19 @@ def test_joblib_runs_on_several_gpus_each_take_one_that_no_other_run_holds(tmp_p
     later, later_share = run(3)
     with later_share:  # both free again: the first one, whatever the run number
         assert later.trainer.device == "cuda:0"
+
+
+def test_a_chat_sweep_ranks_and_shows_the_metrics_its_task_reports(tmp_path: Path):
+    # a causal LM's summary holds test loss and perplexity: those are the columns, not empty accuracy ones
+    for num, (lr, loss) in enumerate([("1e-4", 1.2), ("1e-3", 0.9)]):
+        make_run(tmp_path, num, ["+experiment=chat_sft", f"optimizer.lr={lr}"],
+                 {"status": "completed", "monitor": "val/loss", "mode": "min", "best_value": loss, "epochs": 1,
+                  "wall_time_s": 1.0, "test": {"loss": loss + 0.1, "perplexity": 2.0 + loss, "token_accuracy": 0.5,
+                                               "samples": 40}})
+    sweep.SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    rows = read_csv(tmp_path / "summary.csv")
+    assert [r["overrides"] for r in rows] == ["optimizer.lr=1e-3", "optimizer.lr=1e-4"]  # lower loss first
+    assert {"test_loss", "test_perplexity", "test_token_accuracy"} <= set(rows[0])
+    assert not any(c.startswith("test_") and c not in ("test_loss", "test_perplexity", "test_token_accuracy")
+                   for c in rows[0])  # no test_accuracy, no test_macro_f1, no test_samples
+    assert float(rows[0]["test_perplexity"]) == pytest.approx(2.9)

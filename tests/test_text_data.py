@@ -12,7 +12,7 @@ import transformers
 from torch.utils.data import DataLoader
 
 from sft_cli.errors import SFTError
-from sft_cli.text_data import text_files
+from sft_cli.tasks.classification.texts import text_files
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "a", "movie", "film", "book", "it", "was", "is",
          "very", "really", "and", "not", "i", "liked", "hated", "plot", "story", "cast", "ending", ",", "."]
@@ -139,7 +139,7 @@ def test_a_bad_row_names_the_file_and_line_and_the_fix(tmp_path, tokenizer, case
 def test_skip_bad_rows_skips_counts_and_warns_once_per_file(tmp_path, tokenizer, caplog):
     train = write(tmp_path / "train.tsv", MULTILINE + "\tpos\nfine\npoor\tneg\n" + "great\tpos\n" * 3)
     val = tsv(tmp_path / "val.tsv", [("good", "pos"), ("bad", "meh"), ("fine", "")])
-    with caplog.at_level(logging.WARNING, logger="sft_cli.text_data"):
+    with caplog.at_level(logging.WARNING, logger="sft_cli.tasks.classification.texts"):
         splits = text_files(train, tokenizer, val_file=val, skip_bad_rows=True)
     assert len(splits.train) == 6 and labels(splits.val) == [1]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -210,7 +210,7 @@ def test_the_real_amazon_reviews_file_parses(tokenizer):
 
 
 def test_length_grouped_batches_cover_every_example_once_and_pad_less():
-    from sft_cli.data import LengthGroupedBatches
+    from sft_cli.training.loading import LengthGroupedBatches
 
     torch.manual_seed(0)
     lengths = torch.randint(3, 100, (1000,)).tolist()

@@ -2,9 +2,11 @@
 
 import pytest
 
-from fixtures import write_tiny_bert
-from sft_cli import models, optim
 from sft_cli.errors import SFTError
+from sft_cli.models import hf, stages
+from sft_cli.training import optim
+
+from fixtures import write_tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -13,18 +15,18 @@ def tiny_bert(tmp_path_factory):
 
 
 def test_stages_are_embeddings_each_layer_pooler_and_head(tiny_bert):
-    model = models.hf_classifier(str(tiny_bert), ["neg", "pos"])
+    model = hf.hf_classifier(str(tiny_bert), ["neg", "pos"])
     assert [name for name, _ in model.sft_stages] == [
         "stem", "model.bert.encoder.layer.0", "model.bert.encoder.layer.1", "model.bert.encoder.layer.2",
         "model.bert.pooler", "model.classifier"]
     assert model.sft_stages[0][1] == ["model.bert.embeddings"]
     assert model.sft_new_stages == ["model.classifier"]  # loaded from the checkpoint: everything but the head
-    assert models.head_name(model) == "model.classifier"
+    assert stages.head_name(model) == "model.classifier"
     assert model.model.config.id2label == {0: "neg", 1: "pos"}
 
 
 def test_layer_wise_lr_decay_shrinks_the_lr_one_factor_per_stage_below_the_top(tiny_bert):
-    model = models.hf_classifier(str(tiny_bert), ["neg", "pos"])
+    model = hf.hf_classifier(str(tiny_bert), ["neg", "pos"])
     groups = optim.param_groups(model, "model.classifier", lr=1.0, weight_decay=0.01, head_lr=None, layer_decay=0.5)
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     # the head and the pooler (everything above the last encoder layer) are the top: lr x 0.5**0
@@ -39,13 +41,13 @@ def test_layer_wise_lr_decay_shrinks_the_lr_one_factor_per_stage_below_the_top(t
 
 def test_a_model_that_cannot_be_found_names_the_key(tmp_path):
     with pytest.raises(SFTError, match=r"model.name_or_path=.*no-such-model.*save_pretrained"):
-        models.hf_classifier(str(tmp_path / "no-such-model"), ["a", "b"])
+        hf.hf_classifier(str(tmp_path / "no-such-model"), ["a", "b"])
 
 
 def test_a_causal_lm_s_weights_follow_trainer_precision_only_on_a_gpu_with_native_bf16(monkeypatch):
     import torch
 
-    from sft_cli.models import weight_dtype
+    from sft_cli.models.hf import weight_dtype
 
     assert weight_dtype("auto", "auto", "cpu") == torch.float32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

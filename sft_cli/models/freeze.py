@@ -4,30 +4,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from sft_cli.errors import SFTError, not_one_of
-
-Stage = tuple[str, list[str]]  # (stage name, names of the submodules or parameters it holds)
-
-
-def stage_names(model: nn.Module, stem: list[str] = (), expand: list[str] = ()) -> list[Stage]:
-    """The model's stages bottom to top: its top-level children (and direct parameters) in registration
-    order, with each module named in `expand` replaced by its own children and the names in `stem`
-    merged into one first stage called "stem"."""
-
-    def pieces(prefix: str, module: nn.Module) -> list[str]:
-        out = [f"{prefix}{n}" for n, _ in module.named_parameters(recurse=False)]
-        for n, child in module.named_children():
-            if f"{prefix}{n}" in expand:
-                out += pieces(f"{prefix}{n}.", child)
-            elif any(True for _ in child.parameters()):
-                out.append(f"{prefix}{n}")
-        return out
-
-    names = pieces("", model)
-    missing = [s for s in stem if s not in names]
-    if missing:
-        raise SFTError(f"model.stem names {missing}, which are not stages of {type(model).__name__}: {names}")
-    stages = [("stem", list(stem))] if stem else []
-    return stages + [(n, [n]) for n in names if n not in stem]
+from sft_cli.models.stages import Stage
 
 
 def _members(model: nn.Module, stage: Stage) -> list[nn.Module | nn.Parameter]:

@@ -9,10 +9,12 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from sft_cli import checkpoint, console, data, runtime
-from sft_cli.data import to_device
 from sft_cli.errors import SFTError
-from sft_cli.text_data import read_inputs
+from sft_cli.results import console
+from sft_cli.tasks.classification import images
+from sft_cli.tasks.classification.texts import read_inputs
+from sft_cli.training import checkpoint, restore, runtime
+from sft_cli.training.loading import to_device
 
 log = logging.getLogger("sft_cli.predict")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -28,7 +30,7 @@ def predict(cfg: DictConfig, out_dir: Path) -> list[dict]:
     _check_output(cfg)
     ckpt = checkpoint.resolve(cfg.checkpoint)
     device = runtime.pick_device(cfg.trainer.device)
-    task, model = checkpoint.load_model(cfg, ckpt, device)
+    task, model = restore.load_model(cfg, ckpt, device)
     classes = task.info()["classes"]
     is_text = hasattr(model, "tokenizer")
     pair_field = cfg.dataset.get("text_pair_field") if is_text else None
@@ -39,7 +41,7 @@ def predict(cfg: DictConfig, out_dir: Path) -> list[dict]:
         items = [(str(cfg.text), None)]
     else:
         items = _texts(Path(cfg.input), cfg.dataset.text_field, pair_field) if is_text else _images(Path(cfg.input))
-    transform = None if is_text else data.image_transforms(False, cfg.dataset.transforms)  # as evaluation does
+    transform = None if is_text else images.image_transforms(False, cfg.dataset.transforms)  # as evaluation does
     rows = []
     with torch.inference_mode(), runtime.autocast(device, cfg.trainer.precision):
         for start in range(0, len(items), cfg.batch_size):

@@ -10,8 +10,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from sft_cli import config
-from sft_cli.data import Splits, to_device
-from sft_cli.metrics import ConfusionWindow
+from sft_cli.task import Splits
+from sft_cli.tasks.classification.metrics import ConfusionWindow
+from sft_cli.training.loading import to_device
 
 
 class Classification:
@@ -72,6 +73,8 @@ class Classification:
                 for (features, _), t, p in zip(items, targets.tolist(), predicted)]
 
     def predict(self, cfg: DictConfig, out_dir) -> list[dict]:
-        from sft_cli.predict import predict  # PIL and the text readers: only sft-predict needs them
+        from sft_cli.tasks.classification.predict import (
+            predict,  # PIL and the text readers: only sft-predict needs them
+        )
 
         return predict(cfg, out_dir)

@@ -22,22 +22,6 @@ def resolve_class_weights(spec, targets: list[int], num_classes: int) -> torch.T
     return torch.tensor([float(w) for w in spec])
 
 
-class L2SP:
-    """L2-SP (Li et al., 2018): weight x the summed squared distance of the pretrained parameters from
-    their values when this object was made (before training). Layers the model builder created from
-    scratch (model.sft_new_stages: the new head, a new stem) have no pretrained values and are not pulled.
-    It holds the parameters themselves, not their names, so it works the same through a DDP wrapper."""
-
-    def __init__(self, model: nn.Module, weight: float):
-        new = [m for name, members in model.sft_stages if name in model.sft_new_stages for m in members]
-        self.weight = weight
-        self.anchors = [(p, p.detach().clone()) for n, p in model.named_parameters()
-                        if not any(n == m or n.startswith(m + ".") for m in new)]
-
-    def __call__(self) -> torch.Tensor:
-        return self.weight * sum((p - p0).pow(2).sum() for p, p0 in self.anchors if p.requires_grad)
-
-
 class CrossEntropy:
     """configs/loss/cross_entropy.yaml: cross-entropy with label smoothing and class weights (computed on the
     train split), plus an optional extra term built on the model (loss=l2sp): L = L_task + L_extra.
@@ -64,18 +48,3 @@ class CrossEntropy:
         return self.task.weight[targets].sum()
 
 
-class TokenCrossEntropy:
-    """configs/loss/token_cross_entropy.yaml: next-token cross-entropy over the learned tokens of a causal LM
-    (labels of -100, the prompt and the padding, are left out)."""
-
-    def __init__(self, label_smoothing: float = 0.0):
-        self.label_smoothing = label_smoothing
-
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(summed loss, learned tokens, correctly predicted tokens) of a batch; position t predicts token t+1."""
-        logits, labels = logits[:, :-1].float(), labels[:, 1:]
-        learned = labels != -100
-        summed = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                             reduction="sum", label_smoothing=self.label_smoothing)
-        correct = ((logits.argmax(-1) == labels) & learned).sum()
-        return summed, learned.sum(), correct

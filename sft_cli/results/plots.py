@@ -2,25 +2,23 @@
 summary.json, test.json or eval.json, each run's overrides) into <folder>/plots/. Drawn at the end of every run
 and by sft-report; a killed run's partial files draw what there is, and missing data never raises."""
 
-import json
 import logging
 import math
 import re
 from pathlib import Path
-
-import yaml
 
 # Figure directly, not pyplot: no global figure registry to leak into, no GUI backend to pick; savefig
 # renders a PNG with Agg by itself.
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from sft_cli.results.folders import read_json, read_jsonl, sweep_runs
+
 log = logging.getLogger("sft_cli.plots")
 
 DPI = 100  # keeps each PNG at ~20-60 KB, small enough to embed in report.html
 # Keys of a metrics.jsonl record that are bookkeeping, not a metric of the task
 BOOKKEEPING = {"epoch", "step", "split", "samples", "tokens", "learned_tokens", "lr", "elapsed"}
-FINISHED = ("completed", "early_stopped")
 LABELLED_CLASSES = 30  # above this, class names on the axes overlap: indices only
 ANNOTATED_CLASSES = 12  # up to this, the confusion matrix prints each cell's value
 
@@ -52,7 +50,7 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
     swept key, and the validation curves of the best (up to 5) runs overlaid."""
     sweep_dir = Path(sweep_dir)
     runs = sweep_runs(sweep_dir)
-    finished = ranked([r for r in runs if r["status"] in FINISHED and _number(r["best_value"])])
+    finished = [r for r in runs if r["finished"] and _number(r["best_value"])]  # best first
     plots = []
     for key in swept_keys(runs):
         plots += _save(_against, sweep_dir / "plots" / f"sweep_{_slug(key)}.png", key, finished)
@@ -60,40 +58,6 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
 
 
 # --- reading what is there ---
-
-def read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a .jsonl file; a line cut short by a kill, or no file, is skipped."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def read_overrides(folder: Path) -> list[str]:
-    """The command line's overrides of a Hydra run (.hydra/overrides.yaml), [] when unreadable."""
-    try:
-        overrides = yaml.safe_load((Path(folder) / ".hydra" / "overrides.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return []
-    return [str(o) for o in overrides] if isinstance(overrides, list) else []
-
 
 def metric_names(records: list[dict]) -> list[str]:
     """The task's metrics, as the records name them (validation records first: they hold nothing else)."""
@@ -105,35 +69,17 @@ def metric_names(records: list[dict]) -> list[str]:
     return names
 
 
-def sweep_runs(sweep_dir: Path) -> list[dict]:
-    """Each numbered run folder of a sweep: name, path, overrides, the summary's status/monitor/mode/best_value."""
-    folders = [p for p in Path(sweep_dir).iterdir() if p.name.isdigit() and (p / ".hydra").is_dir()]
-    runs = []
-    for path in sorted(folders, key=lambda p: int(p.name)):
-        summary = read_json(path / "summary.json") or {}
-        runs.append({"name": path.name, "path": path, "overrides": read_overrides(path),
-                     "status": summary.get("status", "failed"), "monitor": summary.get("monitor") or "",
-                     "mode": summary.get("mode"), "best_value": summary.get("best_value"),
-                     "metrics": Path(summary.get("reused_from") or path) / "metrics.jsonl"})
-    return runs
-
-
 def swept_keys(runs: list[dict]) -> list[str]:
     """The keys that take more than one value (a key that some runs lack, as a hand-made run may, is not one)."""
     values: dict[str, list] = {}
     for run in runs:
-        for key, value in overrides_dict(run["overrides"]).items():
+        for key, value in overrides_dict(run["all_overrides"]).items():
             values.setdefault(key, []).append(value)
     return [k for k, v in values.items() if len(set(v)) > 1]
 
 
 def overrides_dict(overrides: list[str]) -> dict[str, str]:
     return {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
-
-
-def ranked(runs: list[dict]) -> list[dict]:
-    """Finished runs, best monitored value first."""
-    return sorted(runs, key=lambda r: -r["best_value"] if r["mode"] == "max" else r["best_value"])
 
 
 def _by_step(records: list[dict], split: str) -> dict:
@@ -267,7 +213,7 @@ def _class_ticks(ax, names: list[str], both: bool) -> None:
 
 
 def _against(key: str, finished: list[dict]) -> Figure | None:
-    points = [(overrides_dict(r["overrides"]).get(key, "(default)"), r["best_value"]) for r in finished]
+    points = [(overrides_dict(r["all_overrides"]).get(key, "(default)"), r["best_value"]) for r in finished]
     if not points:
         return None
     fig = _figure()
@@ -292,13 +238,13 @@ def _against(key: str, finished: list[dict]) -> Figure | None:
 def _overlaid(best: list[dict]) -> Figure | None:
     fig = _figure(7.0, 4.0)
     ax = fig.add_subplot()
-    distinct = _distinct([r["overrides"] for r in best])
+    distinct = _distinct([r["all_overrides"] for r in best])
     for run, label in zip(best, distinct):
         name = run["monitor"].split("/", 1)[-1]
         val = _by_step(read_jsonl(run["metrics"]), "val")
         points = [(step, r[name]) for step, r in val.items() if _number(r.get(name))]
         if points:
-            ax.plot(*zip(*points), marker="o", ms=3, lw=1.4, label=f"{run['name']}: {label}"[:70])
+            ax.plot(*zip(*points), marker="o", ms=3, lw=1.4, label=f"{run['run']}: {label}"[:70])
     if not ax.lines:
         return None
     ax.set(title=f"{best[0]['monitor']} of the best {len(ax.lines)} runs", xlabel="step",

@@ -2,61 +2,25 @@
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from hydra.utils import to_absolute_path
 from PIL import UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import Dataset, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from sft_cli import distributed
 from sft_cli.errors import SFTError, not_one_of, unreadable
-from sft_cli.fast_data import TensorImages
+from sft_cli.task import Splits
+from sft_cli.tasks.classification.fast import TensorImages
+from sft_cli.tasks.files import stratified_split
 
 log = logging.getLogger(__name__)
 TRAIN_CROPS = ("pad", "resized", "none")
 TRANSFORM_KEYS = ("image_size", "train_crop", "crop_padding", "hflip", "eval_resize", "mean", "std")
 PIPELINES = ("auto", "fast", "torchvision")
-
-
-@dataclass
-class Splits:
-    """What every dataset builder returns. `test` is None when the data has no held-out split.
-    Items are (input, label): an image tensor, or for text a dict of token lists that `collate` pads."""
-
-    train: Dataset
-    val: Dataset
-    test: Dataset | None
-    classes: list[str]
-    train_targets: list[int]  # for class weights, without decoding a single input
-    collate: Callable | None = None  # the DataLoader's collate_fn (None: torch's default stacking)
-    group_lengths: list[int] | None = None  # train lengths: when set, train batches group similar lengths
-
-
-class LengthGroupedBatches(Sampler):
-    """Train batches of similar lengths, so that padding each batch to its longest wastes little: shuffle,
-    cut into windows of `window` batches, sort each window by length, cut it into batches, shuffle those.
-    It draws from torch's global RNG, which checkpoints hold, so resume sees the same batches."""
-
-    def __init__(self, lengths: list[int], batch_size: int, window: int = 50):
-        self.lengths, self.batch_size, self.window = lengths, batch_size, window
-
-    def __iter__(self):
-        order, size = torch.randperm(len(self.lengths)).tolist(), self.batch_size * self.window
-        batches = []
-        for start in range(0, len(order), size):
-            chunk = sorted(order[start:start + size], key=lambda i: -self.lengths[i])
-            batches += [chunk[j:j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
-        for k in torch.randperm(len(batches)).tolist():
-            yield batches[k]
-
-    def __len__(self) -> int:
-        size = self.batch_size * self.window
-        return sum(-(-min(size, len(self.lengths) - s) // self.batch_size) for s in range(0, len(self.lengths), size))
 
 
 class Transformed(Dataset):
@@ -128,44 +92,6 @@ def image_transforms(train: bool, transforms: dict) -> v2.Compose:
         steps.append(v2.RandomHorizontalFlip())
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(transforms["mean"], transforms["std"])]
     return v2.Compose(steps)
-
-
-def stratified_split(targets: list[int], size: float | int, seed: int) -> tuple[list[int], list[int]]:
-    """Split indices into (keep, held_out), holding out `size` (a fraction or a count) of each class. A count
-    is taken as the fraction count/n of every class; one that leaves fewer to train on than to validate is
-    refused (a count written for a larger dataset, e.g. val_size: 5000 on a subset)."""
-    n = len(targets)
-    if not isinstance(size, (int, float)) or isinstance(size, bool):
-        raise SFTError(f"dataset.val_size={size!r} must be a fraction in (0, 1) or a count of examples")
-    count = not (isinstance(size, float) and size < 1)
-    fraction = size / n if count else size
-    if not 0 < fraction < 1:
-        raise SFTError(f"dataset.val_size={size} must be a fraction in (0, 1) or a count below {n}")
-    generator = torch.Generator().manual_seed(seed)
-    keep, held_out = [], []
-    for c in sorted(set(targets)):
-        members = [i for i, t in enumerate(targets) if t == c]
-        members = [members[j] for j in torch.randperm(len(members), generator=generator)]
-        k = min(round(len(members) * fraction), len(members) - 1)  # never take a class out of training
-        held_out += members[:k]
-        keep += members[k:]
-    if not held_out:
-        raise SFTError(f"dataset.val_size={size} holds out no example of {n} ({len(set(targets))} classes): "
-                       "raise it, e.g. dataset.val_size=0.2")
-    if count:
-        _check_count(size, len(held_out), len(keep))
-    return sorted(keep), sorted(held_out)
-
-
-def _check_count(size: int | float, held_out: int, keep: int) -> None:
-    """A val_size count that validates on more than it trains is an error; more than a quarter, a warning."""
-    sizes = (f"dataset.val_size={size} is a count: it holds out {held_out} of the {held_out + keep} examples for "
-             f"validation and leaves {keep} to train on")
-    if held_out > keep:
-        raise SFTError(f"{sizes}. Use a fraction, e.g. dataset.val_size=0.1, which scales with the data.")
-    if held_out > (held_out + keep) / 4:
-        log.warning(f"{sizes} ({held_out / (held_out + keep):.0%}); a fraction, e.g. dataset.val_size=0.1, "
-                    "scales with the data.")
 
 
 def _pixels(base) -> torch.Tensor | None:
@@ -344,60 +270,3 @@ def sklearn_digits(val_size: float, test_size: float, split_seed: int, transform
     return splits
 
 
-@dataclass(frozen=True)
-class LoaderOptions:
-    """How a run's batches are made, the same for every split."""
-
-    device: torch.device
-    num_workers: int = 0
-    persistent_workers: bool = False
-    seed: int = 0  # DDP: DistributedSampler's shuffling follows (seed, epoch)
-    ctx: distributed.Context = distributed.Context()
-
-
-def make_loader(splits: Splits, split: str, batch_size: int, options: LoaderOptions):
-    """Batches of splits.<split> ("train" shuffles and augments; "val", "test" do not) on the device's side:
-    the dataset's own batched loader when it has one (images held in memory), else a DataLoader. Under DDP
-    each process gets its shard: training shards are padded to equal length (DistributedSampler), evaluation
-    shards are not, so every example counts exactly once."""
-    dataset, shuffle, ctx = getattr(splits, split), split == "train", options.ctx
-    if hasattr(dataset, "loader"):
-        return dataset.loader(batch_size, shuffle=shuffle, device=options.device, ctx=ctx, seed=options.seed)
-    # A last train batch of one sample would make BatchNorm fail, so it is dropped in that case only.
-    # Workers are not persistent by default: fresh ones draw their seeds from the torch RNG each epoch, which
-    # the checkpoint holds, so a resumed run sees the same augmentations as an uninterrupted one.
-    common = {"num_workers": options.num_workers, "collate_fn": splits.collate,
-              "pin_memory": options.device.type == "cuda",
-              "persistent_workers": options.persistent_workers and options.num_workers > 0}
-    if shuffle and splits.group_lengths is not None:
-        if ctx.enabled:
-            raise SFTError("dataset.group_by_length=true does not work with several processes yet: set "
-                           "dataset.group_by_length=false for DDP (dynamic padding still applies).")
-        return DataLoader(dataset, batch_sampler=LengthGroupedBatches(splits.group_lengths, batch_size), **common)
-    if ctx.enabled:
-        sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, seed=options.seed) if shuffle \
-            else distributed.EvalShard(len(dataset), ctx)
-        size = len(sampler)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                          drop_last=shuffle and size % batch_size == 1, **common)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                      drop_last=shuffle and len(dataset) % batch_size == 1, **common)
-
-
-def set_epoch(loader, epoch: int) -> None:
-    # DistributedSampler and the in-memory loader derive their shuffling from (seed, epoch)
-    target = loader if hasattr(loader, "set_epoch") else getattr(loader, "sampler", None)
-    if hasattr(target, "set_epoch"):
-        target.set_epoch(epoch)
-
-
-def to_device(batch, device: torch.device):
-    """A batch on the device: a tensor, or the tensors inside a (nested) tuple, list or dict, e.g. an image
-    batch (images, labels) or a text batch ({input_ids, attention_mask, ...}, labels)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch

@@ -1,13 +1,11 @@
 """Accuracy and F1 from a confusion matrix accumulated on the device (no host sync per step), the on-device
 window that accumulates them, and the metric files of a run."""
 
-import json
-import math
 import time
 
 import torch
 
-from sft_cli import distributed
+from sft_cli.training import distributed
 
 
 def confusion(logits: torch.Tensor, targets: torch.Tensor, num_classes: int,
@@ -85,76 +83,3 @@ class ConfusionWindow:
         self.confusion = state["confusion"].to(self.device)
 
 
-class TokenWindow:
-    """Running sums of a language model on the device, between two reads: the summed loss over the learned
-    tokens, their count, how many of them the model predicted exactly, the sequences and all their (unpadded)
-    tokens. Summed over DDP processes before dividing, the loss is token-weighted (not a mean of per-batch
-    means). The causal-LM task's window."""
-
-    def __init__(self, device: torch.device):
-        # loss, learned tokens, correct, sequences, tokens; float64 counts stay exact far beyond any run
-        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
-        self.device, self.start = device, time.perf_counter()
-
-    def add(self, record: tuple) -> None:
-        """record: (summed loss, learned tokens, correctly predicted ones, sequences, tokens): tensors or ints."""
-        for k, value in enumerate(record):
-            self.sums[k] += value
-
-    def read(self) -> dict:
-        """loss, perplexity, token_accuracy (over the learned tokens), samples (sequences), tokens, their rates."""
-        loss_sum, learned, correct, sequences, tokens = distributed.all_reduce_sum(self.sums)[0].tolist()
-        seconds = time.perf_counter() - self.start
-        loss = loss_sum / max(learned, 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)), "token_accuracy": correct / max(learned, 1),
-                "samples": int(sequences), "samples_per_s": sequences / seconds, "tokens": int(tokens),
-                "learned_tokens": int(learned), "tokens_per_s": tokens / seconds}
-
-    def details(self) -> dict:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {"sums": self.sums}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sums = state["sums"].to(self.device)
-
-
-class MetricsFiles:
-    """metrics.jsonl (a record per logging interval and per validation) and metrics.csv (a row per epoch, with
-    train_ and val_ columns for each metric the task reports) in the run folder, and every record to the
-    configured trackers. Each write is flushed, so a killed run keeps everything up to its last record. With
-    enabled=False (DDP ranks but 0) it writes nothing."""
-
-    def __init__(self, run_dir, metrics: tuple[str, ...], enabled: bool = True, trackers=None):
-        self.enabled, self.trackers = enabled, trackers  # trackers: loggers.Loggers (TensorBoard, MLflow), or None
-        self.columns = ("epoch", "step", *(f"{split}_{m}" for split in ("train", "val") for m in metrics), "lr",
-                        "train_samples_per_s", "elapsed")
-        if not enabled:
-            return
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
-        self.csv = open(run_dir / "metrics.csv", "a")
-        if self.csv.tell() == 0:
-            self.csv.write(",".join(self.columns) + "\n")
-            self.csv.flush()
-
-    def record(self, record: dict) -> None:
-        if self.enabled:
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
-            if self.trackers:  # plain numbers, read from the device already: no extra sync
-                self.trackers.metrics(record)
-
-    def epoch_row(self, row: dict) -> None:
-        if self.enabled:
-            self.csv.write(",".join(_csv_value(row.get(c)) for c in self.columns) + "\n")
-            self.csv.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-            self.csv.close()
-
-
-def _csv_value(value) -> str:
-    return "" if value is None else str(value)  # str(float) round-trips exactly

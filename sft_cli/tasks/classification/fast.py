@@ -14,8 +14,8 @@ import torch
 from torch.nn import functional as nnf
 from torchvision.transforms.v2 import functional as tvf
 
-from sft_cli.distributed import Context
 from sft_cli.errors import SFTError
+from sft_cli.training.distributed import Context
 
 # A resized copy up to this size is made once, at construction; a larger one (CIFAR at 224x224 is 7.5 GB)
 # is resized batch by batch on the device instead.

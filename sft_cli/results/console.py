@@ -4,7 +4,14 @@ from contextlib import nullcontext
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.tree import Tree
 
@@ -73,7 +80,8 @@ def print_ranking(rows: list[dict], columns: list[str], title: str) -> None:
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+        values = [row.get(c, "") for c in columns]
+        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in values))
     console.print(table)
 
 

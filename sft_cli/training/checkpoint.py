@@ -35,7 +35,6 @@ from sft_cli.errors import SFTError, unreadable
 # torch and safetensors.torch are imported inside the functions that need them: the CLI calls resolve() and
 # load_config() for its config checks, which must answer in about a second, and importing torch takes longer.
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 log = logging.getLogger(__name__)
@@ -76,7 +75,7 @@ def _write(tmp: Path, model: nn.Module, state: dict, config: DictConfig, meta: d
     import torch
     from safetensors.torch import save_file
 
-    from sft_cli import adapters
+    from sft_cli.models import adapters
 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -277,7 +276,53 @@ def _config(path: Path) -> DictConfig:
 
 
 def load_config(ckpt: Path) -> DictConfig:
-    return _read(ckpt, CONFIG_FILE, _config)
+    """The checkpoint's config.yaml, its `_target_`s upgraded to where they live now (MOVED)."""
+    return upgrade_targets(_read(ckpt, CONFIG_FILE, _config))
+
+
+# Where the `_target_`s of configs written by sft-cli before the task folders (up to main 0ea1499) live now: a
+# checkpoint holds its run's resolved config, with the paths of the version that wrote it. Add a line here
+# whenever a module that a shipped config names moves (tests/test_layout.py imports every new path).
+MOVED = {
+    "sft_cli.adapters.LoRA": "sft_cli.models.adapters.LoRA",
+    "sft_cli.causal_lm.CausalLMTask": "sft_cli.tasks.causal_lm.task.CausalLMTask",
+    "sft_cli.chat_data.chat_files": "sft_cli.tasks.causal_lm.chats.chat_files",
+    "sft_cli.classification.Classification": "sft_cli.tasks.classification.task.Classification",
+    "sft_cli.data.image_folder": "sft_cli.tasks.classification.images.image_folder",
+    "sft_cli.data.sklearn_digits": "sft_cli.tasks.classification.images.sklearn_digits",
+    "sft_cli.data.torchvision_dataset": "sft_cli.tasks.classification.images.torchvision_dataset",
+    "sft_cli.freeze.Gradual": "sft_cli.models.freeze.Gradual",
+    "sft_cli.freeze.HeadOnly": "sft_cli.models.freeze.HeadOnly",
+    "sft_cli.freeze.Lower": "sft_cli.models.freeze.Lower",
+    "sft_cli.freeze.NoFreeze": "sft_cli.models.freeze.NoFreeze",
+    "sft_cli.loggers.MLflow": "sft_cli.results.loggers.MLflow",
+    "sft_cli.loggers.TensorBoard": "sft_cli.results.loggers.TensorBoard",
+    "sft_cli.loss.CrossEntropy": "sft_cli.tasks.classification.loss.CrossEntropy",
+    "sft_cli.loss.L2SP": "sft_cli.training.l2sp.L2SP",
+    "sft_cli.loss.TokenCrossEntropy": "sft_cli.tasks.causal_lm.loss.TokenCrossEntropy",
+    "sft_cli.models.hf_causal_lm": "sft_cli.models.hf.hf_causal_lm",
+    "sft_cli.models.hf_classifier": "sft_cli.models.hf.hf_classifier",
+    "sft_cli.models.torchvision_classifier": "sft_cli.models.vision.torchvision_classifier",
+    "sft_cli.optim.constant": "sft_cli.training.optim.constant",
+    "sft_cli.optim.cosine": "sft_cli.training.optim.cosine",
+    "sft_cli.optim.linear": "sft_cli.training.optim.linear",
+    "sft_cli.optim.onecycle": "sft_cli.training.optim.onecycle",
+    "sft_cli.optim.plateau": "sft_cli.training.optim.plateau",
+    "sft_cli.optim.step": "sft_cli.training.optim.step",
+    "sft_cli.text_data.hub_dataset": "sft_cli.tasks.classification.texts.hub_dataset",
+    "sft_cli.text_data.text_files": "sft_cli.tasks.classification.texts.text_files",
+}
+
+
+def upgrade_targets(cfg: DictConfig) -> DictConfig:
+    """cfg with every `_target_` that MOVED lists (at any depth) rewritten to its new path."""
+    def upgraded(node):
+        if isinstance(node, dict):
+            return {k: MOVED.get(v, v) if k == "_target_" and isinstance(v, str) else upgraded(v)
+                    for k, v in node.items()}
+        return [upgraded(v) for v in node] if isinstance(node, list) else node
+
+    return OmegaConf.create(upgraded(OmegaConf.to_container(cfg)))
 
 
 def load_meta(ckpt: Path) -> dict:
@@ -301,7 +346,7 @@ def load_weights(ckpt: Path, model: nn.Module) -> None:
 
     weights = _read(ckpt, MODEL_FILE, lambda p: load_file(p))
     if hasattr(model, "sft_trainable"):
-        from sft_cli import adapters
+        from sft_cli.models import adapters
 
         return adapters.load_adapter_weights(model, weights, ckpt / MODEL_FILE)
     try:
@@ -335,41 +380,3 @@ def copy_history(ckpt: Path, run_dir: Path, epoch: int, step: int) -> None:
         (run_dir / "metrics.csv").write_text("\n".join([lines[0], *kept]) + "\n")
 
 
-def load_model(cfg: DictConfig, ckpt: Path, device: torch.device):
-    """(task, model): the checkpoint's task, given what its meta.json records (a classifier's class names), and
-    its model in eval mode on `device`, built from `cfg` (the checkpoint's config, possibly overridden) without
-    fetching any pretrained weights. For a transformers model, cfg.model.name_or_path and cfg.dataset.tokenizer
-    are pointed at the checkpoint's own hf/ copy."""
-    from sft_cli.config import build
-
-    task = build(cfg.task)
-    meta = load_meta(ckpt)
-    task.set_info(meta)
-    adapter, hf = cfg.get("adapter"), ckpt / "hf"
-    if hf.is_dir():
-        if "tokenizer" in cfg.dataset:
-            cfg.dataset.tokenizer = str(hf)
-        if not adapter:  # an adapter's base weights come from its base model, not from the checkpoint
-            cfg.model.name_or_path = str(hf)
-    model = _adapted_base(cfg, task, meta, ckpt) if adapter else task.model(cfg.model, pretrained=False)
-    if adapter and hf.is_dir():  # the tokenizer (chat template) the run saved, not the base's
-        from transformers import AutoTokenizer
-
-        model.tokenizer = AutoTokenizer.from_pretrained(hf)
-    load_weights(ckpt, model)
-    return task, model.to(device).eval()
-
-
-def _adapted_base(cfg: DictConfig, task, meta: dict, ckpt: Path):
-    """An adapter checkpoint's model before its weights load: the pretrained base it names, checked against the
-    fingerprint it recorded, with the same adapter injected."""
-    from sft_cli import adapters
-
-    recorded, key = meta.get("adapter_base") or {}, adapters.base_key(cfg.model)
-    try:
-        model = task.model(cfg.model, pretrained=True)
-    except SFTError as e:
-        raise SFTError(f"{adapters.missing_base(recorded, ckpt, key)}\n  ({e})") from e
-    adapters.apply(model, cfg.adapter)
-    adapters.check_base(recorded, model, ckpt, key)
-    return model

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
-from sft_cli import runtime
 from sft_cli.errors import SFTError
+from sft_cli.training import runtime
 
 log = logging.getLogger("sft_cli.distributed")
 

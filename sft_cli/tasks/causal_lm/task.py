@@ -12,9 +12,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from sft_cli import config
-from sft_cli.data import Splits
 from sft_cli.errors import SFTError
-from sft_cli.metrics import TokenWindow
+from sft_cli.task import Splits
+from sft_cli.tasks.causal_lm.metrics import TokenWindow
 
 
 class CausalLMTask:
@@ -68,7 +68,7 @@ class CausalLMTask:
         """Greedy answers to the first validation prompts: {prompt, reference, response} each."""
         if not self.sample_prompts:
             return []
-        from sft_cli.generate import GenerationOptions, generate
+        from sft_cli.tasks.causal_lm.generate import GenerationOptions, generate
 
         options = GenerationOptions(max_new_tokens=self.sample_tokens, temperature=0.0, batch_size=len(self.sample_prompts))
         model.eval()
@@ -77,6 +77,8 @@ class CausalLMTask:
                 for p, r, a in zip(self.sample_prompts, self.sample_references, responses)]
 
     def predict(self, cfg: DictConfig, out_dir) -> list[dict]:
-        from sft_cli.generate import predict  # generation: only sft-predict needs it
+        from sft_cli.tasks.causal_lm.generate import (
+            predict,  # generation: only sft-predict needs it
+        )
 
         return predict(cfg, out_dir)

@@ -1,6 +1,6 @@
 """sft-predict for causal-LM checkpoints: answer prompts with the fine-tuned model, batched.
 
-A prompt is rendered exactly as training rendered it (chat_data.render_prompt, ending where the response
+A prompt is rendered exactly as training rendered it (chats.render_prompt, ending where the response
 starts) and continued until the model ends its turn. Batching never changes an answer: prompts are padded on
 the left with an attention mask, so a greedy answer is the same alone or next to longer prompts.
 """
@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from sft_cli import chat_data, checkpoint, console, runtime
 from sft_cli.errors import SFTError
+from sft_cli.results import console
+from sft_cli.tasks.causal_lm import chats
+from sft_cli.training import checkpoint, restore, runtime
 
 log = logging.getLogger("sft_cli.generate")
 
@@ -57,7 +59,7 @@ def generate(model, tokenizer, prompts: list[str], options: GenerationOptions) -
     `model` is a transformers causal LM; its device is where generation runs."""
     # Tokenized as training tokenized the same text: BOS added unless the text starts with it (a chat template
     # writes BOS itself, Llama 3 / Gemma / Mistral), so it is never doubled; Qwen-like tokenizers add none.
-    encoded = [chat_data.encode(tokenizer, p) for p in prompts]
+    encoded = [chats.encode(tokenizer, p) for p in prompts]
     # Similar lengths share a batch (less padding); answers go back to prompt order at the end.
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -108,12 +110,12 @@ def predict(cfg: DictConfig, out_dir: Path) -> list[dict]:
     options = _check(cfg)
     ckpt = checkpoint.resolve(cfg.checkpoint)
     device = runtime.pick_device(cfg.trainer.device)
-    task, model = checkpoint.load_model(cfg, ckpt, device)
+    task, model = restore.load_model(cfg, ckpt, device)
     prompt_format = task.info()["prompt_format"]
-    items = [str(cfg.prompt)] if cfg.prompt is not None else chat_data.read_prompts(Path(cfg.input), prompt_format)
+    items = [str(cfg.prompt)] if cfg.prompt is not None else chats.read_prompts(Path(cfg.input), prompt_format)
     if not items:
         raise SFTError(f"input={cfg.input} holds no prompts")
-    rendered = [chat_data.render_prompt(model.tokenizer, prompt_format, item) for item in items]
+    rendered = [chats.render_prompt(model.tokenizer, prompt_format, item) for item in items]
     if options.temperature > 0:
         torch.manual_seed(cfg.get("seed") or 0)  # sampling is reproducible: the run's seed, or seed=N
     with torch.inference_mode(), runtime.autocast(device, cfg.trainer.precision):

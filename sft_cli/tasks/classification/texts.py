@@ -14,8 +14,9 @@ import torch
 from hydra.utils import to_absolute_path
 from torch.utils.data import Dataset
 
-from sft_cli.data import Splits, stratified_split
 from sft_cli.errors import SFTError, unreadable
+from sft_cli.task import Splits
+from sft_cli.tasks.files import stratified_split
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,9 @@ def _classes(labels: list[str], path: Path) -> list[str]:
 
 
 def _load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer  # imported here: configs bind this module without loading transformers
+    from transformers import (
+        AutoTokenizer,  # imported here: configs bind this module without loading transformers
+    )
 
     local = Path(to_absolute_path(name_or_path))
     try:

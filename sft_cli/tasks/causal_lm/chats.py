@@ -23,9 +23,15 @@ from hydra.utils import to_absolute_path
 from jinja2 import TemplateError
 from torch.utils.data import Dataset
 
-from sft_cli.data import Splits, stratified_split
 from sft_cli.errors import SFTError, not_one_of, unreadable
-from sft_cli.text_data import SKIP_HINT, _fingerprint, _jsonl, _load_tokenizer
+from sft_cli.task import Splits
+from sft_cli.tasks.classification.texts import (
+    SKIP_HINT,
+    _fingerprint,
+    _jsonl,
+    _load_tokenizer,
+)
+from sft_cli.tasks.files import stratified_split
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from urllib.parse import quote
 import yaml
 
 from sft_cli.errors import SFTError, unreadable
-from sft_cli.plots import draw_eval, draw_run, draw_sweep, read_json, read_jsonl, read_overrides, sweep_runs
+from sft_cli.results.folders import read_json, read_jsonl, read_overrides, sweep_runs
+from sft_cli.results.plots import draw_eval, draw_run, draw_sweep
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; margin: 0; background: #f6f7f9; }
@@ -199,9 +200,7 @@ def ranking(sweep_dir: Path) -> list[dict]:
     except OSError:
         pass
     try:
-        from sft_cli import sweep  # Hydra's sweep machinery: imported only for this rare case
-
-        return sweep.collect(sweep_dir)
+        return sweep_runs(sweep_dir)
     except (OSError, ValueError, TypeError, yaml.YAMLError):  # a broken overrides.yaml: a page without a ranking
         return []
 
@@ -327,11 +326,10 @@ def _run_link(row: dict, sweep_dir: Path) -> str:
 def _ranking_table(rows: list[dict], sweep_dir: Path) -> str:
     if not rows:
         return "<p>No summary.csv and no run to rank yet.</p>\n"
-    columns = [c for c in rows[0] if c not in ("error", "distinct", "mode")]
+    columns = [c for c in rows[0] if c not in ("error", "distinct", "all_overrides", "mode", "path", "metrics", "finished")]
     cells = [[_run_link(r, sweep_dir) if c == "run" else _e(_numeric(str(r.get(c, "")), c)) for c in columns]
              for r in rows]
-    numeric = {i for i, c in enumerate(columns) if c in ("best_value", "test_accuracy", "test_macro_f1", "epochs",
-                                                         "wall_time_s")}
+    numeric = {i for i, c in enumerate(columns) if c in ("best_value", "epochs", "wall_time_s") or c.startswith("test_")}
     return _table(columns, cells, numeric)
 
 
