@@ -33,17 +33,17 @@ def export(cfg: DictConfig) -> Path:
     if adapter and merge and "dtype" in cfg.model:
         cfg.model.dtype = "float32"  # a LoRA update merged into bf16 weights would be rounded away
     _, model = restore.load_model(cfg, ckpt, torch.device("cpu"))
-    tokenizer = getattr(model, "tokenizer", None)
+    tokenizer = model.sft.tokenizer
     if adapter and not merge:
-        if model.sft_in_full:
-            raise SFTError(f"{ckpt} also trained newly made {model.sft_in_full} in full, which a peft adapter folder "
+        if model.sft.adapter.in_full:
+            raise SFTError(f"{ckpt} also trained newly made {model.sft.adapter.in_full} in full, which a peft adapter folder "
                            "cannot hold: export it merged (merge=true).")
-        model.sft_peft.save_pretrained(out)  # adapter_config.json, adapter_model.safetensors (and a new head)
+        model.sft.adapter.peft.save_pretrained(out)  # adapter_config.json, adapter_model.safetensors (and a new head)
         _save_tokenizer(tokenizer, out)
         log.info(f"exported the LoRA adapter to {out}: peft's PeftModel.from_pretrained(<base model>, '{out}') "
-                 f"loads it onto its base, {model.sft_base_record['source']}")
+                 f"loads it onto its base, {model.sft.adapter.base_record['source']}")
         return out
-    merged = model.sft_peft.merge_and_unload() if adapter else model.model
+    merged = model.sft.adapter.peft.merge_and_unload() if adapter else model.model
     if tokenizer is None:  # torchvision: the merged model's state dict, which torchvision's model of `name` loads
         from safetensors.torch import save_file
 

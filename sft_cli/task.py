@@ -3,20 +3,15 @@ fine-tuning. A task is one module plus a YAML in configs/task/ whose `_target_` 
 builds it with `task = config.build(cfg.task)` and calls only what `Task` lists below. Nothing in the loop
 asks which task it runs.
 
-The model a task builds is an nn.Module with these attributes, set by its builder (models.py):
+Call order: the loop calls data() first (a classifier learns its classes there), then info() and model();
+restoring a checkpoint calls set_info() with what info() saved, then model(pretrained=False), and data() only
+to evaluate. set_loss() comes after both, then loss() and window() for every batch.
 
-    sft_stages       [(stage name, [submodule or parameter names])], bottom to top: what freeze policies
-                     (freeze.py), layer-wise lr decay (optim.py) and the parameter table act on; every
-                     trainable parameter belongs to exactly one stage (freeze.stage_names builds them).
-    sft_new_stages   names of the stages the builder created from scratch (a new head, a new stem): never
-                     frozen, never pulled towards pretrained values (loss.L2SP).
-    sft_top_stages   optional: the stages at depth 0 for layer_decay (default: the last stage).
-    save_extras(dir) optional: writes what rebuilds the model without its source (a transformers config
-                     and tokenizer in dir/hf); checkpoints call it.
-    sft_base         optional: {"source": folder, file or hub name, "files": [weights files]} where the
-                     pretrained weights came from: an adapter checkpoint names and fingerprints its base.
-
-adapters.apply (adapter=lora) then adds `sft_trainable`, the parameter names that may train at all.
+The model a task builds is an nn.Module whose builder sets `model.sft`, a models.parts.Parts: its stages
+(what freeze policies, layer-wise lr decay and the parameter table act on), the stages made from scratch (a
+new head: never frozen, never pulled towards pretrained values by L2-SP), where its pretrained weights came
+from, its tokenizer, and what rebuilds it without its source (save_extras). adapters.apply (adapter=lora)
+adds Parts.adapter: what may train at all, and the base it needs.
 """
 
 from collections.abc import Callable

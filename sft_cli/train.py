@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import OneCycleLR, ReduceLROnPlateau
 
 from sft_cli import checks, config
 from sft_cli.errors import SFTError
-from sft_cli.models import adapters, freeze, stages
+from sft_cli.models import adapters, freeze, parts, stages
 from sft_cli.results import console, loggers
 from sft_cli.results.metrics_files import MetricsFiles
 from sft_cli.task import Splits, Task
@@ -122,12 +122,13 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     # Model and freezing: the policy says which stages train in each epoch
     log.info(f"model <{cfg.model._target_}> {cfg.model.get('name', cfg.model.get('name_or_path', ''))} "
              f"(weights: {cfg.model.get('weights')})")
-    model = _place(adapters.apply(task.model(cfg.model), cfg.get("adapter")), t, device, ctx)  # adapter=lora: peft
+    model = parts.require(task.model(cfg.model), cfg.model._target_)
+    model = _place(adapters.apply(model, cfg.get("adapter")), t, device, ctx)  # adapter=lora: peft
     policy = config.build(cfg.freeze)
     frozen = _frozen_stages(policy, model, 0)
-    freeze.apply(model, model.sft_stages, frozen)
+    freeze.apply(model, model.sft.stages, frozen)
     _check_something_trains(model, 0, cfg)
-    counts = freeze.parameter_counts(model, model.sft_stages)
+    counts = freeze.parameter_counts(model, model.sft.stages)
     if ctx.is_main:
         console.print_stages(counts)
     if t.compile:
@@ -262,14 +263,14 @@ def _check_something_trains(model: nn.Module, epoch: int, cfg: DictConfig) -> No
 
 def _frozen_stages(policy, model: nn.Module, epoch: int) -> list[str]:
     """The policy's frozen stages for `epoch`, less the layers created from scratch (a new head), which train."""
-    frozen = policy.frozen(model.sft_stages, stages.head_name(model), epoch)
-    return [s for s in frozen if s not in model.sft_new_stages]
+    frozen = policy.frozen(model.sft.stages, stages.head_name(model), epoch)
+    return [s for s in frozen if s not in model.sft.new_stages]
 
 
 def _freeze_for_epoch(policy, learner: Learner, epoch: int, run: Run) -> None:
     """Set what trains in this epoch (and BatchNorm modes); rebuild the DDP wrapper when that changed."""
     frozen = _frozen_stages(policy, learner.model, epoch)
-    freeze.apply(learner.model, learner.model.sft_stages, frozen)
+    freeze.apply(learner.model, learner.model.sft.stages, frozen)
     _check_something_trains(learner.model, epoch, run.cfg)
     if frozen != learner.frozen:
         log.info(f"epoch {epoch + 1}: unfreezing {sorted(set(learner.frozen) - set(frozen))}")
@@ -479,7 +480,7 @@ def resume(run: Run, learner: Learner, total_steps: int) -> TrainState:
                            f"configured data give {value}. Resume with the same dataset.")
     for line in config.differences(checkpoint.load_config(ckpt), cfg, ignore=("resume", "sweep")):
         log.warning(f"resume: {line} (the current value is used)")
-    if hasattr(learner.model, "sft_trainable"):  # an adapter continues only on the base it was trained on
+    if learner.model.sft.adapter:  # an adapter continues only on the base it was trained on
         adapters.check_base(meta.get("adapter_base") or {}, learner.model, ckpt, adapters.base_key(cfg.model))
     checkpoint.load_weights(ckpt, learner.model)
     blob = checkpoint.load_state(ckpt)

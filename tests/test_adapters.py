@@ -210,7 +210,7 @@ def test_only_adapter_and_head_parameters_change_when_the_optimizer_steps(tmp_pa
     from sft_cli.training import optim
 
     model = adapters.apply(tiny_classifier(tmp_path), lora())
-    freeze.apply(model, model.sft_stages, [])
+    freeze.apply(model, model.sft.stages, [])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt_cfg = OmegaConf.create({"_target_": "torch.optim.AdamW", "lr": 1e-2, "weight_decay": 0.01})
     optimizer = optim.build_optimizer(opt_cfg, OmegaConf.create({"head_lr": None, "layer_decay": None}), model,
@@ -221,19 +221,19 @@ def test_only_adapter_and_head_parameters_change_when_the_optimizer_steps(tmp_pa
         optimizer.step()
         optimizer.zero_grad()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and changed <= model.sft_trainable
-    assert all(".lora_" in n or ".modules_to_save." in n for n in model.sft_trainable)
+    assert changed and changed <= model.sft.trainable
+    assert all(".lora_" in n or ".modules_to_save." in n for n in model.sft.trainable)
     assert any(".lora_B." in n for n in changed) and any("classifier.modules_to_save" in n for n in changed)
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert optimized == {id(p) for n, p in model.named_parameters() if n in model.sft_trainable}
+    assert optimized == {id(p) for n, p in model.named_parameters() if n in model.sft.trainable}
 
 
 def test_freeze_policies_still_decide_which_stages_adapters_train_in(tmp_path: Path):
     from sft_cli.models import adapters, freeze
 
     model = adapters.apply(tiny_classifier(tmp_path), lora())
-    frozen = [name for name, _ in model.sft_stages if name not in model.sft_new_stages][:2]  # the embeddings, layer 0
-    freeze.apply(model, model.sft_stages, frozen)
+    frozen = [name for name, _ in model.sft.stages if name not in model.sft.new_stages][:2]  # the embeddings, layer 0
+    freeze.apply(model, model.sft.stages, frozen)
     trains = {n for n, p in model.named_parameters() if p.requires_grad}
     assert not any(".layer.0." in n for n in trains) and any(".layer.1." in n and ".lora_" in n for n in trains)
 
@@ -280,14 +280,14 @@ def test_convolution_models_adapt_what_peft_can_and_keep_batchnorm_statistics():
     adapters.apply(mobile, lora(bias="all"))  # depthwise convolutions are left out, not a peft error
     adapted = [n for n, m in mobile.named_modules() if hasattr(m, "lora_A")]
     assert adapted and all(mobile.get_submodule(n).base_layer.groups == 1 for n in adapted if "features" in n)
-    freeze.apply(mobile, mobile.sft_stages, [])  # biases train (bias=all), yet no BatchNorm statistic moves
+    freeze.apply(mobile, mobile.sft.stages, [])  # biases train (bias=all), yet no BatchNorm statistic moves
     assert all(not m.training for n, m in mobile.named_modules() if isinstance(m, _BatchNorm))
 
     # a new stem trains in full beside the adapter, although peft cannot tell its conv1 from every block's
     cifar = adapters.apply(vision.torchvision_classifier("resnet18", ["a", "b"], small_input_stem=True), lora())
-    assert {"conv1.weight", "bn1.weight"} <= cifar.sft_trainable and "layer1.0.conv1.weight" not in cifar.sft_trainable
+    assert {"conv1.weight", "bn1.weight"} <= cifar.sft.trainable and "layer1.0.conv1.weight" not in cifar.sft.trainable
     assert "bn1.running_mean" in adapters.adapter_weights(cifar)  # the new BatchNorm's statistics are saved
-    freeze.apply(cifar, cifar.sft_stages, [])
+    freeze.apply(cifar, cifar.sft.stages, [])
     assert cifar.bn1.training and not cifar.layer1[0].bn1.training
     with pytest.raises(SFTError, match=r"adapter.modules_to_save names 'classifier', which matches no module"):
         adapters.apply(vision.torchvision_classifier("resnet18", ["a", "b"]), lora(modules_to_save="classifier"))

@@ -18,12 +18,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sft_cli.errors import SFTError
+from sft_cli.models.parts import Parts
 from sft_cli.training import checkpoint
 
 
 def tiny_model():
     torch.manual_seed(0)
-    return nn.Sequential(OrderedDict(body=nn.Linear(4, 3), act=nn.ReLU(), fc=nn.Linear(3, 2)))
+    model = nn.Sequential(OrderedDict(body=nn.Linear(4, 3), act=nn.ReLU(), fc=nn.Linear(3, 2)))
+    model.sft = Parts([("body", ["body"]), ("fc", ["fc"])], new_stages=["fc"])
+    return model
 
 
 CLASSES = ["cat", "dog"]
@@ -74,7 +77,8 @@ def test_saved_files_load_with_plain_readers(tmp_path):
 def test_load_weights_and_state_round_trip(tmp_path):
     model = tiny_model()
     ckpt = save(tmp_path / "checkpoints", 10, ["last"], model)
-    fresh = nn.Sequential(OrderedDict(body=nn.Linear(4, 3), act=nn.ReLU(), fc=nn.Linear(3, 2)))
+    fresh = tiny_model()
+    torch.nn.init.zeros_(fresh.body.weight)
     checkpoint.load_weights(ckpt, fresh)
     assert torch.equal(fresh.body.weight, model.body.weight)
     assert checkpoint.load_state(ckpt)["step"] == 10
@@ -83,7 +87,9 @@ def test_load_weights_and_state_round_trip(tmp_path):
 def test_load_weights_into_another_architecture_is_an_error_naming_the_file(tmp_path):
     ckpt = save(tmp_path / "checkpoints", 10, ["last"], tiny_model())
     with pytest.raises(SFTError, match="model.safetensors"):
-        checkpoint.load_weights(ckpt, nn.Linear(4, 2))
+        other = nn.Linear(4, 2)
+        other.sft = Parts([("all", [""])], new_stages=[])
+        checkpoint.load_weights(ckpt, other)
 
 
 FULL_DISK = {

@@ -47,7 +47,7 @@ def sgd_step(model, head):
 
 def test_resnet18_stages_are_stem_layers_and_head():
     model = resnet18()
-    assert model.sft_stages == [("stem", ["conv1", "bn1"]), ("layer1", ["layer1"]), ("layer2", ["layer2"]),
+    assert model.sft.stages == [("stem", ["conv1", "bn1"]), ("layer1", ["layer1"]), ("layer2", ["layer2"]),
                                 ("layer3", ["layer3"]), ("layer4", ["layer4"]), ("fc", ["fc"])]
     assert head_name(model) == "fc"
 
@@ -59,7 +59,7 @@ def test_unknown_stem_name_is_an_error_naming_model_stem():
 
 def test_head_only_trains_fc_alone_and_puts_other_batchnorms_in_eval():
     model = resnet18()
-    stages = model.sft_stages
+    stages = model.sft.stages
     frozen = freeze.HeadOnly().frozen(stages, "fc", 0)
     assert frozen == RESNET_STAGES[:-1]
     freeze.apply(model, stages, frozen)
@@ -72,7 +72,7 @@ def test_head_only_trains_fc_alone_and_puts_other_batchnorms_in_eval():
 
 def test_head_only_training_step_leaves_frozen_weights_and_bn_statistics_bitwise_unchanged():
     model = resnet18()
-    stages = model.sft_stages
+    stages = model.sft.stages
     freeze.apply(model, stages, freeze.HeadOnly().frozen(stages, "fc", 0))
     before = snapshot(model)
     sgd_step(model, "fc")
@@ -88,7 +88,7 @@ def test_head_only_training_step_leaves_frozen_weights_and_bn_statistics_bitwise
 
 def test_lower_n2_step_updates_only_unfrozen_stages_and_their_bn_statistics():
     model = resnet18()
-    stages = model.sft_stages
+    stages = model.sft.stages
     frozen = freeze.Lower(n=2).frozen(stages, "fc", 0)
     freeze.apply(model, stages, frozen)
     before = snapshot(model)
@@ -105,7 +105,7 @@ def test_lower_n2_step_updates_only_unfrozen_stages_and_their_bn_statistics():
 
 def test_apply_with_nothing_frozen_restores_trainability_and_bn_train_mode():
     model = resnet18()
-    stages = model.sft_stages
+    stages = model.sft.stages
     freeze.apply(model, stages, freeze.HeadOnly().frozen(stages, "fc", 0))
     freeze.apply(model, stages, freeze.NoFreeze().frozen(stages, "fc", 1))
     assert all(p.requires_grad for p in model.parameters())
@@ -113,21 +113,21 @@ def test_apply_with_nothing_frozen_restores_trainability_and_bn_train_mode():
 
 
 def test_lower_n_freezes_stem_plus_n_blocks():
-    stages = resnet18().sft_stages
+    stages = resnet18().sft.stages
     assert freeze.Lower(n=2).frozen(stages, "fc", 0) == ["stem", "layer1", "layer2"]
     assert freeze.Lower(n=0).frozen(stages, "fc", 0) == ["stem"]
     assert freeze.Lower(n=4).frozen(stages, "fc", 0) == ["stem", "layer1", "layer2", "layer3", "layer4"]
 
 
 def test_lower_until_freezes_up_to_and_including_the_named_stage():
-    stages = resnet18().sft_stages
+    stages = resnet18().sft.stages
     assert freeze.Lower(until="layer3").frozen(stages, "fc", 0) == ["stem", "layer1", "layer2", "layer3"]
     assert freeze.Lower(n=0, until="layer1").frozen(stages, "fc", 0) == ["stem", "layer1"]  # until wins over n
 
 
 @pytest.mark.parametrize("until", ["layer9", "fc", "conv1"])
 def test_lower_bad_until_is_an_error_naming_freeze_until(until):
-    stages = resnet18().sft_stages
+    stages = resnet18().sft.stages
     with pytest.raises(SFTError, match="freeze.until") as e:
         freeze.Lower(until=until).frozen(stages, "fc", 0)
     assert "layer3" in str(e.value)  # lists the valid choices
@@ -135,13 +135,13 @@ def test_lower_bad_until_is_an_error_naming_freeze_until(until):
 
 @pytest.mark.parametrize("n", [-1, 5, 100])
 def test_lower_out_of_range_n_is_an_error_naming_freeze_n(n):
-    stages = resnet18().sft_stages
+    stages = resnet18().sft.stages
     with pytest.raises(SFTError, match=r"freeze\.n"):
         freeze.Lower(n=n).frozen(stages, "fc", 0)
 
 
 def test_gradual_unfreezes_one_stage_from_the_top_every_n_epochs():
-    stages = resnet18().sft_stages
+    stages = resnet18().sft.stages
     policy = freeze.Gradual(every_n_epochs=2)
     got = [policy.frozen(stages, "fc", epoch) for epoch in range(13)]
     all5 = ["stem", "layer1", "layer2", "layer3", "layer4"]
@@ -157,18 +157,18 @@ def test_gradual_rejects_every_n_epochs_below_one():
 def test_mobilenet_v3_small_stages_expand_features_and_classifier():
     model = vision.torchvision_classifier("mobilenet_v3_small", classes=list("abcde"), weights=None,
                                           stem=["features.0"], expand=["features", "classifier"])
-    names = [name for name, _ in model.sft_stages]
+    names = [name for name, _ in model.sft.stages]
     assert names == ["stem"] + [f"features.{i}" for i in range(1, 13)] + ["classifier.0", "classifier.3"]
-    assert model.sft_stages[0] == ("stem", ["features.0"])
+    assert model.sft.stages[0] == ("stem", ["features.0"])
     head = head_name(model)
     assert head == "classifier.3"
-    assert freeze.HeadOnly().frozen(model.sft_stages, head, 0) == names[:-1]
-    counts = freeze.parameter_counts(model, model.sft_stages)
+    assert freeze.HeadOnly().frozen(model.sft.stages, head, 0) == names[:-1]
+    counts = freeze.parameter_counts(model, model.sft.stages)
     assert sum(total for _, _, total in counts) == sum(p.numel() for p in model.parameters())
 
 
 def test_vit_b_16_stages_hold_every_parameter_exactly_once(vit):
-    stages = vit.sft_stages
+    stages = vit.sft.stages
     names = [name for name, _ in stages]
     assert names[0] == "stem"
     assert stages[0][1] == ["class_token", "conv_proj", "encoder.pos_embedding"]
@@ -186,7 +186,7 @@ def test_vit_b_16_stages_hold_every_parameter_exactly_once(vit):
 
 
 def test_vit_head_only_freezes_direct_parameters_of_the_stem(vit):
-    stages = vit.sft_stages
+    stages = vit.sft.stages
     frozen = freeze.HeadOnly().frozen(stages, "heads.head", 0)
     assert "heads.head" not in frozen and len(frozen) == len(stages) - 1
     freeze.apply(vit, stages, frozen)

@@ -141,3 +141,13 @@ def test_a_checkpoint_written_before_the_task_folders_resumes(legacy_runs, caplo
                                                                   f"resume={best}"], legacy_runs / "resumed")
     assert not [r for r in caplog.records if "_target_" in r.getMessage()]  # the old paths read as the new ones
     assert read_json(legacy_runs / "resumed" / "summary.json")["epochs"] == 2
+
+
+def test_a_builder_that_gives_no_parts_is_an_error_naming_it():
+    from torch import nn
+
+    from sft_cli.errors import SFTError
+    from sft_cli.models import parts
+
+    with pytest.raises(SFTError, match=r"model <my.builder> returned a Linear without `sft`.*model.sft = Parts"):
+        parts.require(nn.Linear(2, 2), "my.builder")

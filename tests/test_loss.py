@@ -10,6 +10,7 @@ from torch import nn
 
 from sft_cli.errors import SFTError
 from sft_cli.models import vision
+from sft_cli.models.parts import Parts
 from sft_cli.tasks.classification import loss
 from sft_cli.training import l2sp
 
@@ -46,7 +47,7 @@ def tiny_model():
 
 def test_l2sp_is_zero_at_start_grows_when_the_backbone_moves_and_ignores_the_head():
     model = tiny_model()
-    model.sft_stages, model.sft_new_stages = [("body", ["body"]), ("fc", ["fc"])], ["fc"]
+    model.sft = Parts([("body", ["body"]), ("fc", ["fc"])], new_stages=["fc"])
     penalty = l2sp.L2SP(model, weight=0.5)
     assert float(penalty().detach()) == 0.0
     with torch.no_grad():
@@ -72,7 +73,7 @@ def test_l2sp_does_not_anchor_a_new_small_input_stem_to_its_random_start():
 
 def test_l2sp_pulls_the_same_parameters_through_a_wrapper_such_as_ddp():
     model = tiny_model()
-    model.sft_stages, model.sft_new_stages = [("body", ["body"]), ("fc", ["fc"])], ["fc"]
+    model.sft = Parts([("body", ["body"]), ("fc", ["fc"])], new_stages=["fc"])
     criterion = loss.CrossEntropy(label_smoothing=0.0, class_weights=None, extra=partial(l2sp.L2SP, weight=0.5),
                                   train_targets=[0, 1], num_classes=2, model=model)
     wrapped = nn.Sequential(OrderedDict(module=model))  # parameter names gain a prefix, as under DDP

@@ -11,6 +11,7 @@ from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from sft_cli import config
+from sft_cli.models.parts import Parts
 from sft_cli.training import optim
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -199,8 +200,10 @@ def test_scheduler_state_saved_mid_run_resumes_with_identical_lrs(name, override
 
 def tiny_convnet():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 6 * 6, 8, bias=True), nn.LayerNorm(8), nn.Linear(8, 3))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 8, bias=True), nn.LayerNorm(8), nn.Linear(8, 3))
+    model.sft = Parts([("body", ["0", "1", "4", "5"]), ("head", ["6"])], new_stages=["head"])
+    return model
 
 
 def test_param_groups_exempt_biases_and_norm_weights_from_decay_and_give_the_head_head_lr():

@@ -16,11 +16,11 @@ def tiny_bert(tmp_path_factory):
 
 def test_stages_are_embeddings_each_layer_pooler_and_head(tiny_bert):
     model = hf.hf_classifier(str(tiny_bert), ["neg", "pos"])
-    assert [name for name, _ in model.sft_stages] == [
+    assert [name for name, _ in model.sft.stages] == [
         "stem", "model.bert.encoder.layer.0", "model.bert.encoder.layer.1", "model.bert.encoder.layer.2",
         "model.bert.pooler", "model.classifier"]
-    assert model.sft_stages[0][1] == ["model.bert.embeddings"]
-    assert model.sft_new_stages == ["model.classifier"]  # loaded from the checkpoint: everything but the head
+    assert model.sft.stages[0][1] == ["model.bert.embeddings"]
+    assert model.sft.new_stages == ["model.classifier"]  # loaded from the checkpoint: everything but the head
     assert stages.head_name(model) == "model.classifier"
     assert model.model.config.id2label == {0: "neg", 1: "pos"}
 

@@ -3,7 +3,7 @@
 adapter=lora freezes the base model's weights and adds trainable low-rank matrices beside its Linear (and, for
 torchvision models, Conv) layers; the layers made from scratch (a classifier's head, a new stem) train in full
 and are saved with the adapter (peft's modules_to_save). peft injects its layers in place, so the model keeps
-its module names, stages and forward; `model.sft_trainable` names what may train, and freeze policies still
+its module names, stages and forward; `model.sft.adapter` names what may train, and freeze policies still
 decide, stage by stage, whether it does. A checkpoint then holds only those tensors and names its base model
 (base_record / check_base), which sft-eval, sft-predict and sft-export load again.
 """
@@ -20,6 +20,7 @@ from torch import nn
 
 from sft_cli import config
 from sft_cli.errors import SFTError
+from sft_cli.models.parts import Adapter
 
 log = logging.getLogger(__name__)
 # layers peft can adapt; transformers' GPT-2 style Conv1D is matched by name (transformers may be absent)
@@ -48,8 +49,8 @@ class LoRA:
 
 def apply(model: nn.Module, adapter: DictConfig | None) -> nn.Module:
     """Inject the configured adapter (configs/adapter/) into `model` in place (nothing for adapter=none) and
-    record what may train in model.sft_trainable and the base it needs in model.sft_base_record. The peft
-    model that wraps it is kept as model.sft_peft (for export: save_pretrained, merge_and_unload)."""
+    record what may train, the base it needs and the peft model that wraps it (for export: save_pretrained,
+    merge_and_unload) in model.sft.adapter."""
     if not adapter:
         return model
     try:
@@ -69,10 +70,10 @@ def apply(model: nn.Module, adapter: DictConfig | None) -> nn.Module:
         peft_model = get_peft_model(root, settings)
     for name in by_hand:
         root.get_submodule(name).requires_grad_(True)
-    model.__dict__["sft_peft"] = peft_model  # not a submodule: it holds `root`, which `model` already holds
-    model.sft_in_full = [prefix + name for name in by_hand]
-    model.sft_trainable = {n for n, p in model.named_parameters() if p.requires_grad}  # after by_hand's
-    model.sft_base_record = base_record(model)
+    model.sft.adapter = Adapter(  # peft_model is no submodule: it holds `root`, which `model` already holds
+        peft=peft_model, in_full=[prefix + name for name in by_hand],
+        trainable={n for n, p in model.named_parameters() if p.requires_grad},  # after by_hand's
+        base_record=base_record(model))
     kinds = sorted({t.rsplit(".", 1)[-1] for t in targets})
     log.info(f"adapter: LoRA r={lora.r} alpha={lora.alpha} on {len(targets)} layers ({', '.join(kinds[:8])}"
              f"{', ...' if len(kinds) > 8 else ''}); trained in full and saved with it: {in_full + by_hand}")
@@ -94,7 +95,7 @@ def _in_full(model: nn.Module, root: nn.Module, prefix: str, extra: list[str] | 
     those go to peft only where the name picks exactly the module meant (`fc` does); a new module it cannot
     pick apart (a new stem's `conv1`, which would also pick every block's conv1) trains in full beside peft
     (the second list). A name in adapter.modules_to_save must pick exactly the modules meant."""
-    new = [m[len(prefix):] for name, members in model.sft_stages if name in model.sft_new_stages
+    new = [m[len(prefix):] for name, members in model.sft.stages if name in model.sft.new_stages
            for m in members if m.startswith(prefix)]
     extra = [extra] if isinstance(extra, str) else list(extra)
     names = [n for n, _ in root.named_modules() if n]
@@ -155,7 +156,7 @@ def _names(layer: str, wanted: str) -> bool:
 def adapter_weights(model: nn.Module) -> dict:
     """The tensors an adapter checkpoint holds: what may train (LoRA matrices, new heads, biases per
     adapter.bias) and the buffers of the modules trained in full (a new BatchNorm's statistics)."""
-    trainable, by_hand = model.sft_trainable, tuple(m + "." for m in model.sft_in_full)
+    trainable, by_hand = model.sft.adapter.trainable, tuple(m + "." for m in model.sft.adapter.in_full)
     return {k: v for k, v in model.state_dict().items()
             if k in trainable or ".modules_to_save." in k or k.startswith(by_hand)}
 
@@ -181,15 +182,15 @@ def load_adapter_weights(model: nn.Module, weights: dict, source: Path) -> None:
 
 def base_record(model: nn.Module) -> dict:
     """Which base model an adapter needs: its source (a folder, a file, a hub name) and a fingerprint of its
-    weights files where they are on disk. Builders say where their weights came from in model.sft_base."""
-    base = getattr(model, "sft_base", None) or {}
+    weights files where they are on disk. Builders say where their weights came from in model.sft.base."""
+    base = model.sft.base or {}
     files = [Path(f) for f in base.get("files", [])]
     return {"source": base.get("source"), "fingerprint": fingerprint(files) if files else None}
 
 
 def check_base(recorded: dict, model: nn.Module, ckpt: Path, key: str) -> None:
     """An error unless `model`'s base weights are the ones the adapter in `ckpt` was trained on."""
-    now = model.sft_base_record
+    now = model.sft.adapter.base_record
     if recorded.get("fingerprint") and now["fingerprint"] and recorded["fingerprint"] != now["fingerprint"]:
         raise SFTError(f"{ckpt} holds a LoRA adapter trained on the base model {recorded.get('source')}, but the base "
                        f"loaded now ({now['source']}) has different weights (fingerprint {now['fingerprint']}, "

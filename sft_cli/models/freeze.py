@@ -81,10 +81,10 @@ class Gradual:
 def apply(model: nn.Module, stages: list[Stage], frozen: list[str]) -> None:
     """Set requires_grad by stage and put the model in train mode, with frozen BatchNorm layers in eval mode so
     they keep their (pretrained) running statistics. Call it at the start of every epoch. With an adapter
-    (model.sft_trainable) only the parameters it names train, in the stages not frozen, and every BatchNorm
+    (model.sft.trainable) only the parameters it names train, in the stages not frozen, and every BatchNorm
     layer but those trained in full keeps its statistics (an adapter checkpoint does not hold them)."""
     model.train()
-    allowed = getattr(model, "sft_trainable", None)
+    allowed = model.sft.trainable
     trainable = None if allowed is None else {id(p) for n, p in model.named_parameters() if n in allowed}
     for stage in stages:
         is_frozen = stage[0] in frozen
@@ -95,7 +95,7 @@ def apply(model: nn.Module, stages: list[Stage], frozen: list[str]) -> None:
                 if isinstance(m, _BatchNorm):
                     m.eval()
     if trainable is not None:
-        in_full = tuple(m + "." for m in getattr(model, "sft_in_full", []))
+        in_full = tuple(m + "." for m in model.sft.adapter.in_full)
         for name, m in model.named_modules():
             if isinstance(m, _BatchNorm) and ".modules_to_save." not in name and not (name + ".").startswith(in_full):
                 m.eval()

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from sft_cli.errors import SFTError, not_one_of
+from sft_cli.models.parts import Parts
 from sft_cli.models.stages import stage_names
 
 
@@ -62,13 +63,12 @@ def hf_classifier(name_or_path: str, classes: list[str], weights: str | None = "
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
     wrapper = TextClassifier(model, tokenizer)
-    _set_transformer_stages(wrapper, {f"model.{n}" for n in created})
-    wrapper.sft_base = _base(name_or_path) if weights else None
+    wrapper.sft = _parts(wrapper, {f"model.{n}" for n in created}, _base(name_or_path) if weights else None)
     return wrapper
 
 
 def _base(name_or_path: str) -> dict:
-    """model.sft_base of a transformers model: its folder (or hub name) and weights files, where on disk."""
+    """Parts.base of a transformers model: its folder (or hub name) and weights files, where on disk."""
     from sft_cli.models.adapters import weights_files
 
     folder = Path(name_or_path)
@@ -83,31 +83,32 @@ def _base(name_or_path: str) -> dict:
             "files": weights_files(folder)}
 
 
-def _set_transformer_stages(wrapper: nn.Module, created: set[str]) -> None:
+def _parts(wrapper: nn.Module, created: set[str], weights_from: dict | None) -> Parts:
     """Stages of a transformers model held as wrapper.model: the input embeddings (stem), each block of its
     largest ModuleList (encoder or decoder layers), then what sits above (pooler, final norm, head), which
     is depth 0 for layer-wise lr decay. Stages whose parameters are all in `created` (made from scratch
-    here, not loaded) are new: they always train."""
+    here, not loaded) are new: they always train. `weights_from` is Parts.base (None: no pretrained weights)."""
     model = wrapper.model
     base = model.base_model_prefix
     blocks = max((n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.startswith(base)),
                  key=lambda n: sum(p.numel() for p in model.get_submodule(n).parameters()))
-    parts = blocks.split(".")
-    expand = ["model"] + [f"model.{'.'.join(parts[:i])}" for i in range(1, len(parts) + 1)]
+    path = blocks.split(".")
+    expand = ["model"] + [f"model.{'.'.join(path[:i])}" for i in range(1, len(path) + 1)]
     embeddings = model.get_input_embeddings()
     stem = [f"model.{n}" for n, m in model.named_modules() if m is embeddings][:1]
     if hasattr(model.base_model, "embeddings"):  # BERT-style: word, position and type embeddings together
         stem = [f"model.{base}.embeddings"]
-    wrapper.sft_stages = stage_names(wrapper, stem, expand)
-    last_block = max(i for i, (name, _) in enumerate(wrapper.sft_stages) if name.startswith(f"model.{blocks}."))
-    wrapper.sft_top_stages = [name for name, _ in wrapper.sft_stages[last_block + 1:]]  # lr-decay depth 0
+    stages = stage_names(wrapper, stem, expand)
+    last_block = max(i for i, (name, _) in enumerate(stages) if name.startswith(f"model.{blocks}."))
     params = [n for n, _ in wrapper.named_parameters()]
 
     def is_new(members: list[str]) -> bool:  # a tied lm_head owns no parameter of its own: not new
         own = [n for n in params if any(n == m or n.startswith(m + ".") for m in members)]
         return bool(own) and all(n in created for n in own)
 
-    wrapper.sft_new_stages = [name for name, members in wrapper.sft_stages if is_new(members)]
+    return Parts(stages, new_stages=[name for name, members in stages if is_new(members)],
+                 top_stages=[name for name, _ in stages[last_block + 1:]],  # lr-decay depth 0
+                 base=weights_from, tokenizer=wrapper.tokenizer, save_extras=wrapper.save_extras)
 
 
 class CausalLM(nn.Module):
@@ -172,6 +173,6 @@ def hf_causal_lm(name_or_path: str, weights: str | None = "pretrained", gradient
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()  # recompute activations in backward: less memory, ~30% slower
     wrapper = CausalLM(model, tokenizer)
-    _set_transformer_stages(wrapper, set() if weights else {f"model.{n}" for n, _ in model.named_parameters()})
-    wrapper.sft_base = _base(name_or_path) if weights else None
+    wrapper.sft = _parts(wrapper, set() if weights else {f"model.{n}" for n, _ in model.named_parameters()},
+                         _base(name_or_path) if weights else None)
     return wrapper

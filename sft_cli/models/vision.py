@@ -8,6 +8,7 @@ from torch import nn
 from torchvision import models
 
 from sft_cli.errors import SFTError, not_one_of
+from sft_cli.models.parts import Parts
 from sft_cli.models.stages import head_name, stage_names
 
 
@@ -45,8 +46,9 @@ def torchvision_classifier(name: str, classes: list[str], weights: str | None = 
                            stem: list[str] = (), expand: list[str] = ()) -> nn.Module:
     """Any classification model in torchvision.models by name, pretrained or not, with a new head.
 
-    The returned model carries `sft_stages`, the stages freeze policies act on (see freeze.stage_names),
-    and `sft_new_stages`, those made here from scratch (the head, a small-input stem): never frozen.
+    The returned model carries `sft` (models.parts.Parts): its stages, for freeze policies (see
+    stages.stage_names), those made here from scratch (the head, a small-input stem: never frozen), and
+    where its pretrained weights came from.
     """
     available = models.list_models(module=models)
     if name not in available:
@@ -69,12 +71,12 @@ def torchvision_classifier(name: str, classes: list[str], weights: str | None = 
         model.bn1 = nn.BatchNorm2d(model.conv1.out_channels)
         model.maxpool = nn.Identity()
         created |= {"conv1", "bn1"}
-    model.sft_stages = stage_names(model, stem, expand)
-    model.sft_new_stages = [name for name, members in model.sft_stages if set(members) <= created]
+    stages = stage_names(model, stem, expand)
+    model.sft = Parts(stages, new_stages=[name for name, members in stages if set(members) <= created])
     if weights:  # where the base weights came from, which an adapter checkpoint needs (adapters.base_record)
         file = Path(weights) if is_file else Path(torch.hub.get_dir()) / "checkpoints" / \
             Path(models.get_model_weights(name)[weights].url).name
-        model.sft_base = {"source": str(file.absolute()), "files": [file] if file.is_file() else []}
+        model.sft.base = {"source": str(file.absolute()), "files": [file] if file.is_file() else []}
     return model
 
 

@@ -79,9 +79,9 @@ def _write(tmp: Path, model: nn.Module, state: dict, config: DictConfig, meta: d
 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    adapted = hasattr(model, "sft_trainable")  # a LoRA adapter: its tensors and the new head, not the base
+    adapted = model.sft.adapter is not None  # a LoRA adapter: its tensors and the new head, not the base
     if adapted:
-        meta = {**meta, "adapter_base": model.sft_base_record}
+        meta = {**meta, "adapter_base": model.sft.adapter.base_record}
     weights, seen = {}, set()
     for key, value in (adapters.adapter_weights(model) if adapted else model.state_dict()).items():
         value = value.detach().contiguous().cpu()
@@ -93,8 +93,8 @@ def _write(tmp: Path, model: nn.Module, state: dict, config: DictConfig, meta: d
     torch.save(state, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(OmegaConf.to_yaml(config, resolve=True))
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-    if hasattr(model, "save_extras"):  # a transformers model: its config and tokenizer (hf/)
-        model.save_extras(tmp)
+    if model.sft.save_extras:  # a transformers model: its config and tokenizer (hf/)
+        model.sft.save_extras(tmp)
     # The writers close (flush) their files but do not sync them: without this, a power cut after the rename
     # below can leave a step folder, and `last` pointing at it, with empty or partial files.
     for root, _, files in os.walk(tmp, topdown=False):
@@ -345,7 +345,7 @@ def load_weights(ckpt: Path, model: nn.Module) -> None:
     from safetensors.torch import load_file
 
     weights = _read(ckpt, MODEL_FILE, lambda p: load_file(p))
-    if hasattr(model, "sft_trainable"):
+    if model.sft.adapter:
         from sft_cli.models import adapters
 
         return adapters.load_adapter_weights(model, weights, ckpt / MODEL_FILE)

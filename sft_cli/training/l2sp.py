@@ -8,11 +8,11 @@ from torch import nn
 class L2SP:
     """L2-SP (Li et al., 2018): weight x the summed squared distance of the pretrained parameters from
     their values when this object was made (before training). Layers the model builder created from
-    scratch (model.sft_new_stages: the new head, a new stem) have no pretrained values and are not pulled.
+    scratch (model.sft.new_stages: the new head, a new stem) have no pretrained values and are not pulled.
     It holds the parameters themselves, not their names, so it works the same through a DDP wrapper."""
 
     def __init__(self, model: nn.Module, weight: float):
-        new = [m for name, members in model.sft_stages if name in model.sft_new_stages for m in members]
+        new = [m for name, members in model.sft.stages if name in model.sft.new_stages for m in members]
         self.weight = weight
         self.anchors = [(p, p.detach().clone()) for n, p in model.named_parameters()
                         if not any(n == m or n.startswith(m + ".") for m in new)]

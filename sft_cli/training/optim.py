@@ -18,22 +18,22 @@ def param_groups(model: nn.Module, head: str, lr: float, weight_decay: float, he
 
     Biases and normalisation weights (every 1-D parameter) get no weight decay. With layer_decay
     (layer-wise lr decay, the standard BERT/ViT fine-tuning recipe), the stage k stages below the top
-    (model.sft_stages) trains at lr x layer_decay**k. Each group's `lr_scale` is its lr / optimizer.lr.
+    (model.sft.stages) trains at lr x layer_decay**k. Each group's `lr_scale` is its lr / optimizer.lr.
     Frozen parameters are included so that gradual unfreezing can wake them up; optimizers skip a
     parameter whose .grad is None, so they cost nothing while frozen. An adapter's base weights, which never
-    train, are left out (model.sft_trainable)."""
+    train, are left out (model.sft.trainable)."""
     depth = {}  # parameter name -> stages below the top
     if layer_decay is not None:
         # the top is the head, or for transformers everything above the last encoder layer (pooler too)
-        top = getattr(model, "sft_top_stages", [model.sft_stages[-1][0]])
-        below = [stage for stage in model.sft_stages if stage[0] not in top]
+        top = model.sft.depth_zero
+        below = [stage for stage in model.sft.stages if stage[0] not in top]
         for k, (_, members) in enumerate(reversed(below), 1):
             for member in members:
                 for name, _ in model.named_parameters():
                     if name == member or name.startswith(member + "."):
                         depth[name] = k
     groups: dict[tuple[bool, bool, int], list[nn.Parameter]] = {}
-    allowed = getattr(model, "sft_trainable", None)  # an adapter's: the base weights never train
+    allowed = model.sft.trainable  # an adapter's: the base weights never train
     for name, p in model.named_parameters():
         if allowed is not None and name not in allowed:
             continue

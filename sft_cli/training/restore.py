@@ -7,6 +7,7 @@ import torch
 from omegaconf import DictConfig
 
 from sft_cli.errors import SFTError
+from sft_cli.models import parts
 from sft_cli.training.checkpoint import load_meta, load_weights
 
 
@@ -27,10 +28,11 @@ def load_model(cfg: DictConfig, ckpt: Path, device: torch.device):
         if not adapter:  # an adapter's base weights come from its base model, not from the checkpoint
             cfg.model.name_or_path = str(hf)
     model = _adapted_base(cfg, task, meta, ckpt) if adapter else task.model(cfg.model, pretrained=False)
+    parts.require(model, cfg.model._target_)
     if adapter and hf.is_dir():  # the tokenizer (chat template) the run saved, not the base's
         from transformers import AutoTokenizer
 
-        model.tokenizer = AutoTokenizer.from_pretrained(hf)
+        model.tokenizer = model.sft.tokenizer = AutoTokenizer.from_pretrained(hf)
     load_weights(ckpt, model)
     return task, model.to(device).eval()
 
@@ -42,7 +44,7 @@ def _adapted_base(cfg: DictConfig, task, meta: dict, ckpt: Path):
 
     recorded, key = meta.get("adapter_base") or {}, adapters.base_key(cfg.model)
     try:
-        model = task.model(cfg.model, pretrained=True)
+        model = parts.require(task.model(cfg.model, pretrained=True), cfg.model._target_)
     except SFTError as e:
         raise SFTError(f"{adapters.missing_base(recorded, ckpt, key)}\n  ({e})") from e
     adapters.apply(model, cfg.adapter)

@@ -32,7 +32,7 @@ def predict(cfg: DictConfig, out_dir: Path) -> list[dict]:
     device = runtime.pick_device(cfg.trainer.device)
     task, model = restore.load_model(cfg, ckpt, device)
     classes = task.info()["classes"]
-    is_text = hasattr(model, "tokenizer")
+    is_text = model.sft.tokenizer is not None
     pair_field = cfg.dataset.get("text_pair_field") if is_text else None
     if cfg.text is not None:
         if pair_field:

@@ -61,7 +61,7 @@ class Classification:
         """A text classifier's predicted labels for the first `samples` validation texts (samples.jsonl, the
         report: misclassified ones stand out); nothing for images, whose confusion matrix says it."""
         val = self.splits.val if self.splits is not None else None
-        if not self.samples or not hasattr(model, "tokenizer") or val is None:
+        if not self.samples or model.sft.tokenizer is None or val is None:
             return []
         items = [val[i] for i in range(min(self.samples, len(val)))]
         inputs, targets = self.splits.collate(items)
