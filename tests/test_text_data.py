@@ -144,8 +144,8 @@ def test_skip_bad_rows_skips_counts_and_warns_once_per_file(tmp_path, tokenizer,
     assert len(splits.train) == 6 and labels(splits.val) == [1]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2
-    assert "train.tsv: skipped 2 bad row(s)" in warnings[0] and "line 5" in warnings[0]
-    assert "val.tsv: skipped 2 bad row(s)" in warnings[1] and "line 3" in warnings[1]
+    assert "train.tsv: skipped 2 bad row(s)" in warnings[0] and "train.tsv:5, has no text" in warnings[0]
+    assert "val.tsv: skipped 2 bad row(s)" in warnings[1] and "val.tsv:3, has the label" in warnings[1]
 
 
 def test_an_unknown_label_in_a_val_file_names_the_file_line_and_classes(tmp_path, tokenizer):
@@ -200,6 +200,11 @@ def test_tokenization_is_cached_per_file_version_and_max_length(tmp_path, tokeni
     os.utime(train, ns=(0, 0))  # an edited file is tokenized again
     text_files(train, tokenizer, val_size=2)
     assert calls == [10, 10, 10]
+    for entry in cache.glob("*.pt"):
+        entry.write_bytes(b"not a torch file")  # a corrupt entry (a full disk, a killed copy) is rebuilt
+    rebuilt = text_files(train, tokenizer, val_size=2)
+    assert calls == [10, 10, 10, 10]
+    assert [rebuilt.train[i] for i in range(len(rebuilt.train))] == [first.train[i] for i in range(len(first.train))]
 
 
 @pytest.mark.skipif(not REAL_TRAIN.is_file(), reason="needs /work/shared/data/amazon-reviews")

@@ -11,6 +11,14 @@ from sft_cli.models.parts import Parts
 from sft_cli.models.stages import stage_names
 
 
+def pad_with_eos(tokenizer):
+    """The tokenizer, padding with its end-of-sequence token if it has no pad token (GPT-2 style, most causal
+    LMs)."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 class TextClassifier(nn.Module):
     """A transformers sequence classifier called as the recipe calls every model: logits = model(inputs),
     with `inputs` the batch dict of token tensors. Keeps its tokenizer so checkpoints can carry it."""
@@ -59,8 +67,7 @@ def hf_classifier(name_or_path: str, classes: list[str], weights: str | None = "
                        "Give a local folder saved with save_pretrained(), or run once with network access so the "
                        "hub files are cached.") from e
     model.float()  # transformers keeps a checkpoint's stored dtype (bf16, fp16): train in fp32, autocast on top
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # GPT-2 style: pad with end-of-sequence
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None and pad_with_eos(tokenizer).pad_token is not None:  # GPT-2 style
         model.config.pad_token_id = tokenizer.pad_token_id
     wrapper = TextClassifier(model, tokenizer)
     wrapper.sft = _parts(wrapper, {f"model.{n}" for n in created}, _base(name_or_path) if weights else None)
@@ -168,8 +175,7 @@ def hf_causal_lm(name_or_path: str, weights: str | None = "pretrained", gradient
         raise SFTError(f"model.name_or_path={name_or_path} could not be loaded as a causal LM ({type(e).__name__}: "
                        f"{str(e)[:300]}). Give a local folder saved with save_pretrained(), or run once with "
                        "network access so the hub files are cached.") from e
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # most causal LMs: pad with end-of-sequence
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_with_eos(tokenizer)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()  # recompute activations in backward: less memory, ~30% slower
     wrapper = CausalLM(model, tokenizer)

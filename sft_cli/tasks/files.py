@@ -1,12 +1,68 @@
-"""What every task's data readers share."""
+"""What every task's data readers share: finding a file, reading JSONL, one rule for bad rows (path:line in
+the message, or skipped and counted under dataset.skip_bad_rows), and a stratified validation split."""
 
+import json
 import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
+from hydra.utils import to_absolute_path
 
-from sft_cli.errors import SFTError
+from sft_cli.errors import SFTError, unreadable
 
 log = logging.getLogger(__name__)
+
+SKIP_HINT = "Fix the row, or skip such rows with dataset.skip_bad_rows=true."
+
+
+def existing_file(file: str, key: str) -> Path:
+    """The path of dataset.<key>, relative to the folder the user runs from; an error if there is no such file."""
+    path = Path(to_absolute_path(file))
+    if not path.is_file():
+        raise SFTError(f"{key}={file}: no such file ({path}). Give the path of an existing file, relative to "
+                       "the folder you run from or absolute.")
+    return path
+
+
+def read_jsonl(path: Path):
+    """(line, object) per non-blank line of a JSONL file; a str record says why the line is bad."""
+    with path.open(encoding="utf-8-sig") as f:
+        for line, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield line, f"is not valid JSON ({e.msg} at column {e.colno})"
+                continue
+            yield line, record if isinstance(record, dict) else f"is a JSON {type(record).__name__}, not an object"
+
+
+def read_rows(file: str, key: str, records: Iterable[tuple[str, object]], parse: Callable, skip: bool,
+              what: str = "row") -> tuple[list, int]:
+    """(rows, skipped) of dataset.<key>=file. `records` yields (location, record), a str record saying why it
+    is bad; parse(location, record) gives (problem, row). A problem stops the run with its path:line, or with
+    `skip` is counted and the first one logged."""
+    path = Path(to_absolute_path(file))
+    rows, bad = [], []
+    try:
+        for where, record in records:
+            problem, row = (record, None) if isinstance(record, str) else parse(where, record)
+            if problem and not skip:
+                raise SFTError(f"{where}: the {what} {problem}. {SKIP_HINT}")
+            if problem:
+                bad.append((where, problem))
+            else:
+                rows.append(row)
+    except UnicodeDecodeError as e:
+        raise SFTError(f"{key}={file} is not UTF-8 text ({e}). Save it as UTF-8.") from e
+    except PermissionError as e:  # raised by the first read of `records`, which opens the file
+        raise SFTError(f"{key}={file}: {unreadable(path, e)}") from e
+    if bad:
+        log.warning(f"{path}: skipped {len(bad)} bad {what}(s) (dataset.skip_bad_rows=true); the first, "
+                    f"{bad[0][0]}, {bad[0][1]}")
+    return rows, len(bad)
 
 
 def stratified_split(targets: list[int], size: float | int, seed: int) -> tuple[list[int], list[int]]:

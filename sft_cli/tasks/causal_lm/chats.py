@@ -10,11 +10,8 @@ tokens of the prompt alone (the conversation up to an assistant turn, with the g
 prefix of the whole sequence's tokens, and the tokens after them, up to the end of the turn, are learned.
 """
 
-import hashlib
 import json
 import logging
-import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,15 +20,10 @@ from hydra.utils import to_absolute_path
 from jinja2 import TemplateError
 from torch.utils.data import Dataset
 
-from sft_cli.errors import SFTError, not_one_of, unreadable
+from sft_cli.errors import SFTError, not_one_of
 from sft_cli.task import Splits
-from sft_cli.tasks.classification.texts import (
-    SKIP_HINT,
-    _fingerprint,
-    _jsonl,
-    _load_tokenizer,
-)
-from sft_cli.tasks.files import stratified_split
+from sft_cli.tasks.files import SKIP_HINT, existing_file, read_jsonl, read_rows, stratified_split
+from sft_cli.tasks.tokens import TokenCache, fingerprint, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +113,11 @@ def chat_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
         if other != fmt:  # one prompt format renders every split, and prediction
             raise SFTError(f"dataset.{key}={path} holds {other} records but dataset.train_file holds {fmt} "
                            "records: give every file in one layout.")
-    tok = _load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer)
     prompt_format = _prompt_format(tok, fmt, fields, chat_template)
     if fmt == "messages":
         tok.chat_template = prompt_format["chat_template"]
-    cache = Path(cache_dir or os.environ.get("SFT_CLI_CACHE") or Path.home() / ".cache/sft-cli/tokenized")
-    cache = Path(to_absolute_path(str(cache.expanduser())))
-    how = Tokenizing(tok, prompt_format, max_length, train_on_prompt, skip_bad_rows, cache)
+    how = Tokenizing(tok, prompt_format, max_length, train_on_prompt, skip_bad_rows, TokenCache(cache_dir))
 
     train_path, _, train_rows, skipped = files["train_file"]
     train, kept, counts = _tokenized(train_path, train_rows, how)
@@ -174,7 +164,7 @@ def _records(path: Path, key: str):
     The location is path:line, or path[index] for an item of a .json list."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        for line, record in _jsonl(path):
+        for line, record in read_jsonl(path):
             yield f"{path}:{line}", record
         return
     if suffix != ".json":
@@ -263,45 +253,25 @@ def _parse_messages(record: dict, fields: dict, response: bool) -> tuple[str | N
 def _read(file: str, key: str, format: str, fields: dict, skip: bool):
     """(path, format, rows, skipped) with rows (location, parsed record); the format is `format`, or with auto
     the layout of the first valid record. Bad rows raise, or are skipped and counted."""
-    path = Path(to_absolute_path(file))
-    if not path.is_file():
-        raise SFTError(f"{key}={file}: no such file ({path}). Give the path of an existing file, relative to "
-                       "the folder you run from or absolute.")
+    path = existing_file(file, key)
     fmt = None if format == "auto" else format
-    rows, bad = [], []
-    try:
-        for where, record in _records(path, key):
-            problem = record if isinstance(record, str) else None
-            if problem is None and fmt is None:
-                fmt = _layout(record, fields)
-                if fmt is None:
-                    problem = (f"is in none of the layouts: it has no '{fields['messages']}', '{fields['prompt']}' "
-                               f"or '{fields['instruction']}' among its fields {list(record)} (map your field "
-                               "names with dataset.fields.*)")
-            if problem is None:
-                problem, parsed = _parse(record, fmt, fields)
-            if problem and not skip:
-                detected = f" (read as {fmt}: dataset.format={format})" if fmt else ""
-                raise SFTError(f"{where}: the record {problem}{detected}. {SKIP_HINT}")
-            if problem:
-                bad.append((where, problem))
-            else:
-                rows.append((where, parsed))
-    except UnicodeDecodeError as e:
-        raise SFTError(f"{key}={file} is not UTF-8 text ({e}). Save it as UTF-8.") from e
-    except PermissionError as e:
-        raise SFTError(f"{key}={file}: {unreadable(path, e)}") from e
-    if bad:
-        log.warning(f"{path}: skipped {len(bad)} bad record(s) (dataset.skip_bad_rows=true); the first, "
-                    f"{bad[0][0]}, {bad[0][1]}")
+
+    def parse(where: str, record: dict):
+        nonlocal fmt
+        if fmt is None and (fmt := _layout(record, fields)) is None:
+            return (f"is in none of the layouts: it has no '{fields['messages']}', '{fields['prompt']}' or "
+                    f"'{fields['instruction']}' among its fields {list(record)} (map your field names with "
+                    "dataset.fields.*)"), None
+        problem, parsed = _parse(record, fmt, fields)
+        detected = f" (read as {fmt}: dataset.format={format})" if problem else ""
+        return problem and problem + detected, (where, parsed)
+
+    rows, bad = read_rows(file, key, _records(path, key), parse, skip, what="record")
     if not rows:
-        why = f"all {len(bad)} records are bad (skipped)" if bad else "it is empty"
+        why = f"all {bad} records are bad (skipped)" if bad else "it is empty"
         raise SFTError(f"{key}={file} holds no examples: {why}. Give a file of messages, prompt/completion or "
                        "instruction/output records.")
-    return path, fmt, rows, len(bad)
-
-
-# ---- rendering -------------------------------------------------------------------------------------------
+    return path, fmt, rows, bad
 
 
 def _single_token(tok, text: str) -> bool:
@@ -475,7 +445,7 @@ class Tokenizing:
     max_length: int
     train_on_prompt: bool
     skip: bool  # dataset.skip_bad_rows
-    cache: Path
+    cache: TokenCache
 
 
 def _tokenized(path: Path, rows: list, how: Tokenizing) -> tuple[TokenSequences, list[int], dict]:
@@ -484,15 +454,12 @@ def _tokenized(path: Path, rows: list, how: Tokenizing) -> tuple[TokenSequences,
     tok, prompt_format, max_length, train_on_prompt, skip, cache = (
         how.tok, how.prompt_format, how.max_length, how.train_on_prompt, how.skip, how.cache)
     stat = path.stat()
-    key = json.dumps([_fingerprint(tok), prompt_format, str(path), stat.st_size, stat.st_mtime_ns, max_length,
-                      train_on_prompt, skip, [where for where, _ in rows]], sort_keys=True)
-    file = cache / f"chat-{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
-    try:
-        saved = torch.load(file, weights_only=True)
+    file = cache.file("chat-", [fingerprint(tok), prompt_format, str(path), stat.st_size, stat.st_mtime_ns,
+                                max_length, train_on_prompt, skip, [where for where, _ in rows]])
+    saved = cache.load(file)
+    if saved and saved.keys() >= {"input_ids", "labels", "kept", "counts"}:
         log.info(f"{path}: {len(saved['kept'])} examples, tokenized earlier ({file})")
         return TokenSequences(saved["input_ids"], saved["labels"]), saved["kept"], saved["counts"]
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError):  # absent or unreadable
-        pass
     input_ids, labels, kept, bad = [], [], [], []
     truncated = dropped = 0
     for i, (where, parsed) in enumerate(rows):
@@ -525,14 +492,7 @@ def _tokenized(path: Path, rows: list, how: Tokenizing) -> tuple[TokenSequences,
         log.warning(f"{path}: dropped {dropped} example(s) whose response lies beyond dataset.max_length={max_length} "
                     "tokens; raise dataset.max_length to keep them")
     counts = {"examples": len(kept), "truncated": truncated, "dropped": dropped, "skipped_rows": len(bad)}
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        partial = file.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"input_ids": input_ids, "labels": labels, "kept": kept, "counts": counts}, partial)
-        os.replace(partial, file)  # a crash mid-write never leaves a truncated cache file
-    except OSError as e:
-        log.warning(f"could not cache the tokenized {path} in {cache} ({e}); set dataset.cache_dir or "
-                    "SFT_CLI_CACHE to a writable folder")
+    cache.save(file, {"input_ids": input_ids, "labels": labels, "kept": kept, "counts": counts}, path)
     return TokenSequences(input_ids, labels), kept, counts
 
 

@@ -2,21 +2,17 @@
 The builder `text_files` is the `_target_` of configs/dataset/text_files.yaml."""
 
 import csv
-import hashlib
-import json
 import logging
-import os
-import pickle
 import re
 from pathlib import Path
 
 import torch
-from hydra.utils import to_absolute_path
 from torch.utils.data import Dataset
 
 from sft_cli.errors import SFTError, unreadable
 from sft_cli.task import Splits
-from sft_cli.tasks.files import stratified_split
+from sft_cli.tasks.files import existing_file, read_jsonl, read_rows, stratified_split
+from sft_cli.tasks.tokens import TokenCache, fingerprint, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +20,6 @@ DELIMITERS = {".tsv": "\t", ".txt": "\t", ".csv": ","}
 DELIMITER_NAMES = {"\t": "tab", ",": "comma"}
 FEATURES = ("input_ids", "attention_mask", "token_type_ids")
 INT = re.compile(r"[+-]?[0-9]+")
-SKIP_HINT = "Fix the row, or skip such rows with dataset.skip_bad_rows=true."
 
 
 class TokenizedTexts(Dataset):
@@ -70,9 +65,8 @@ def text_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
     # every file is checked before the (slower) tokenizer load and tokenization
     others = {key: _read(file, f"dataset.{key}", fields, skip_bad_rows, index)
               for key, file in (("val_file", val_file), ("test_file", test_file)) if file}
-    tok = _load_tokenizer(tokenizer)
-    cache = Path(cache_dir or os.environ.get("SFT_CLI_CACHE") or Path.home() / ".cache/sft-cli/tokenized")
-    cache = Path(to_absolute_path(str(cache.expanduser())))
+    tok = load_tokenizer(tokenizer)
+    cache = TokenCache(cache_dir)
 
     def tokenized(path: Path, rows: list[tuple]) -> TokenizedTexts:
         return TokenizedTexts(_encode(tok, path, rows, fields, max_length, cache), [index[r[-1]] for r in rows])
@@ -92,33 +86,19 @@ def text_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
 
 def _read(file: str, key: str, fields: tuple, skip: bool, known: dict[str, int] | None = None) -> tuple[Path, list]:
     """(path, rows) with rows (line, text, pair, label name); bad rows raise, or are skipped and counted."""
-    path = Path(to_absolute_path(file))
+    path = existing_file(file, key)
     suffix = path.suffix.lower()
-    if not path.is_file():
-        raise SFTError(f"{key}={file}: no such file ({path}). Give the path of an existing file, relative to "
-                       "the folder you run from or absolute.")
     if suffix not in (*DELIMITERS, ".jsonl"):
         raise SFTError(f"{key}={file}: unknown format '{suffix}'. Use .tsv or .txt (tab-separated), .csv or .jsonl.")
-    records = _jsonl(path) if suffix == ".jsonl" else _table(path, DELIMITERS[suffix], fields)
-    rows, bad = [], []
-    try:
-        for line, record in records:
-            problem, row = (record, None) if isinstance(record, str) else _row(record, fields, known)
-            if problem and not skip:
-                raise SFTError(f"{path}:{line}: the row {problem}. {SKIP_HINT}")
-            if problem:
-                bad.append((line, problem))
-            else:
-                rows.append((line, *row))
-    except UnicodeDecodeError as e:
-        raise SFTError(f"{key}={file} is not UTF-8 text ({e}). Save it as UTF-8.") from e
-    except PermissionError as e:  # raised by the first read of `records`, which opens the file
-        raise SFTError(f"{key}={file}: {unreadable(path, e)}") from e
-    if bad:
-        log.warning(f"{path}: skipped {len(bad)} bad row(s) (dataset.skip_bad_rows=true); the first, at line "
-                    f"{bad[0][0]}, {bad[0][1]}")
+    records = read_jsonl(path) if suffix == ".jsonl" else _table(path, DELIMITERS[suffix], fields)
+
+    def parse(where: str, record: dict):
+        problem, row = _row(record, fields, known)
+        return problem, row and (int(where.rpartition(":")[2]), *row)
+
+    rows, bad = read_rows(file, key, ((f"{path}:{line}", record) for line, record in records), parse, skip)
     if not rows:
-        why = f"all {len(bad)} rows are bad (skipped)" if bad else "it is empty or only a header"
+        why = f"all {bad} rows are bad (skipped)" if bad else "it is empty or only a header"
         raise SFTError(f"{key}={file} holds no examples: {why}. Give a file with one text and label per row.")
     return path, rows
 
@@ -167,26 +147,12 @@ def _columns(path: Path, line: int, row: list[str], fields: tuple, delimiter: st
                    "dataset.text_field and dataset.label_field (and dataset.text_pair_field) to the header's names.")
 
 
-def _jsonl(path: Path):
-    """(line, object) per non-blank line of a JSONL file; a str record says why the line is bad."""
-    with path.open(encoding="utf-8-sig") as f:
-        for line, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield line, f"is not valid JSON ({e.msg} at column {e.colno})"
-                continue
-            yield line, record if isinstance(record, dict) else f"is a JSON {type(record).__name__}, not an object"
-
-
 def read_inputs(path: Path, text_field: str, text_pair_field: str | None) -> list[tuple[str, str | None]]:
     """(text, pair) per row of an unlabelled .csv/.tsv/.jsonl file, read as training reads files (for
     sft-predict); a bad row is an error naming the file and line."""
     suffix = path.suffix.lower()
     fields = (text_field, text_pair_field)
-    records = _jsonl(path) if suffix == ".jsonl" else _table(path, DELIMITERS[suffix], fields)
+    records = read_jsonl(path) if suffix == ".jsonl" else _table(path, DELIMITERS[suffix], fields)
     out = []
     try:
         for line, record in records:
@@ -244,56 +210,20 @@ def _classes(labels: list[str], path: Path) -> list[str]:
     return sorted(names, key=int) if all(INT.fullmatch(n) for n in names) else sorted(names)
 
 
-def _load_tokenizer(name_or_path: str):
-    from transformers import (
-        AutoTokenizer,  # imported here: configs bind this module without loading transformers
-    )
-
-    local = Path(to_absolute_path(name_or_path))
-    try:
-        tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else name_or_path)
-        if tok.pad_token is None and tok.eos_token is not None:  # GPT-2 style: pad with end-of-sequence
-            tok.pad_token = tok.eos_token
-        return tok
-    except (OSError, ValueError) as e:
-        raise SFTError(f"model.name_or_path={name_or_path}: its tokenizer could not be loaded ({type(e).__name__}: "
-                       f"{str(e)[:300]}). Give a local folder saved with save_pretrained(), or run once with "
-                       "network access so the hub files are cached.") from e
-
-
-def _fingerprint(tok) -> str:
-    """What the tokenizer does, not where it lives: the same tokenizer under checkpoints/best/hf and
-    checkpoints/last/hf shares cached tokens, and a folder re-saved with another vocabulary does not."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    spec = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
-    return hashlib.sha256(f"{type(tok).__name__}{spec}{tok.model_max_length}".encode()).hexdigest()
-
-
-def _encode(tok, path: Path, rows: list[tuple], fields: tuple, max_length: int, cache: Path) -> dict:
-    """{feature: token ids per row}, truncated to max_length and unpadded; cached per tokenizer (and its
-    vocabulary size), file version, max_length, fields and the rows kept."""
+def _encode(tok, path: Path, rows: list[tuple], fields: tuple, max_length: int, cache: TokenCache) -> dict:
+    """{feature: token ids per row}, truncated to max_length and unpadded; cached per tokenizer, file version,
+    max_length, fields and the rows kept."""
     stat = path.stat()
-    key = json.dumps([_fingerprint(tok), str(path), stat.st_size, stat.st_mtime_ns, max_length, fields,
-                      [row[0] for row in rows]])
-    file = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
-    try:
-        features = torch.load(file, weights_only=True)
+    file = cache.file("", [fingerprint(tok), str(path), stat.st_size, stat.st_mtime_ns, max_length, fields,
+                           [row[0] for row in rows]])
+    if (features := cache.load(file)) is not None:
         log.info(f"{path}: {len(rows)} examples, tokenized earlier ({file})")
         return features
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # absent or unreadable: tokenize again
-        pass
     texts, pairs = [row[1] for row in rows], [row[2] for row in rows] if fields[1] else None
     encoded = tok(texts, pairs, truncation=True, max_length=max_length)
     features = {name: encoded[name] for name in FEATURES if name in encoded}
     log.info(f"{path}: {len(rows)} examples tokenized")
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        partial = file.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(features, partial)
-        os.replace(partial, file)  # a crash mid-write never leaves a truncated cache file
-    except OSError as e:
-        log.warning(f"could not cache the tokenized {path} in {cache} ({e}); set dataset.cache_dir or "
-                    "SFT_CLI_CACHE to a writable folder")
+    cache.save(file, features, path)
     return features
 
 
@@ -319,7 +249,7 @@ def hub_dataset(path: str, tokenizer: str, name: str | None = None, train_split:
         classes = list(feature.names)
     else:
         classes = _classes([str(v) for v in hub[train_split][label_field]], Path(f"{path}/{name}"))
-    tok = _load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer)
 
     def tokenized(split: str) -> TokenizedTexts:
         part = hub[split]
