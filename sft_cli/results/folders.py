@@ -23,6 +23,14 @@ def read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def png_size(data: bytes) -> tuple[int, int, int]:
+    """(width, height, channels) from a PNG's header (its IHDR chunk comes first); zeros for another format."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return 0, 0, 0
+    channels = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(data[25], 0)
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), channels
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a .jsonl file; a line cut short by a kill, or no file, is skipped."""
     try:

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from sft_cli.disk import write_atomic
 from sft_cli.errors import SFTError
+from sft_cli.results.folders import png_size
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +162,7 @@ class TensorBoard:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         data = path.read_bytes()  # written as is: TensorBoard decodes PNG itself, so no PIL round trip
-        width, height, channels = _png_size(data)
+        width, height, channels = png_size(data)
         image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=data)
         self._write(Summary(value=[Summary.Value(tag=name, image=image)]))
 
@@ -390,14 +392,6 @@ def _indented(text: str) -> str:
     return "".join(f"    {line}\n" for line in text.splitlines())  # a markdown code block for TensorBoard
 
 
-def _png_size(data: bytes) -> tuple[int, int, int]:
-    """(width, height, channels) from a PNG's header; zeros for another format (TensorBoard shows it anyway)."""
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        return 0, 0, 0
-    channels = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(data[25], 0)
-    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), channels
-
-
 def _state(run_dir: Path) -> dict:
     path = Path(run_dir) / STATE
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -406,9 +400,7 @@ def _state(run_dir: Path) -> dict:
 def _write_state(run_dir: Path, state: dict) -> None:
     path = Path(run_dir) / STATE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(state, indent=2))
 
 
 def _remember(run_dir: Path, key: str, value: dict) -> None:

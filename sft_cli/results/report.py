@@ -6,7 +6,6 @@ import argparse
 import base64
 import csv
 import html
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -15,7 +14,8 @@ from urllib.parse import quote
 import yaml
 
 from sft_cli.errors import SFTError, unreadable
-from sft_cli.results.folders import read_json, read_jsonl, read_overrides, sweep_runs
+from sft_cli.disk import write_atomic
+from sft_cli.results.folders import png_size, read_json, read_jsonl, read_overrides, sweep_runs
 from sft_cli.results.plots import draw_eval, draw_run, draw_sweep
 
 CSS = """
@@ -271,14 +271,10 @@ def _figures(plots: list[Path]) -> str:
     for path in plots:
         data_bytes = path.read_bytes()
         data = base64.b64encode(data_bytes).decode("ascii")
-        wide = ' class="wide"' if _png_width(data_bytes) > 900 else ""  # the confusion matrices: a row of their own
+        wide = ' class="wide"' if png_size(data_bytes)[0] > 900 else ""  # the confusion matrices: a row of their own
         figures.append(f'<figure{wide}><img src="data:image/png;base64,{data}" alt="{_e(path.stem)}">'
                        f"<figcaption>{_e(path.name)}</figcaption></figure>\n")
     return f'<div class="plots">\n{"".join(figures)}</div>\n' if figures else ""
-
-
-def _png_width(png: bytes) -> int:
-    return int.from_bytes(png[16:20], "big") if png[12:16] == b"IHDR" else 0  # the IHDR chunk comes first
 
 
 def _class_table(details: dict, split: str) -> str:
@@ -344,10 +340,7 @@ def _read_yaml(path: Path) -> dict:
 def _write(path: Path, title: str, sections: list[str]) -> Path:
     page = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{_e(title)}</title>\n'
             f"<style>{CSS}</style>\n</head>\n<body>\n<main>\n{''.join(sections)}</main>\n</body>\n</html>\n")
-    # Written whole, then renamed: a browser open on the old page never reads half a file
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text(page, encoding="utf-8")
-    os.replace(temporary, path)
+    write_atomic(path, page)  # a browser open on the old page never reads half a file
     return path
 
 

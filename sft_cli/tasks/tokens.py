@@ -2,6 +2,7 @@
 sweep's next trial) skips tokenization."""
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 from hydra.utils import to_absolute_path
 
+from sft_cli.disk import write_atomic
 from sft_cli.errors import SFTError
 from sft_cli.models.hf import pad_with_eos
 
@@ -66,11 +68,11 @@ class TokenCache:
         Lists of token-id lists are stored as one flat tensor and their lengths: unpickling millions of
         Python ints takes longer than tokenizing them again."""
         flat = {k: _flatten(v) if _is_sequences(v) else v for k, v in entry.items()}
+        buffer = io.BytesIO()
+        torch.save(flat, buffer)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            partial = file.with_suffix(f".{os.getpid()}.tmp")
-            torch.save(flat, partial)
-            os.replace(partial, file)  # a crash mid-write never leaves a truncated cache file
+            write_atomic(file, buffer.getvalue())  # a crash mid-write never leaves a truncated cache file
         except OSError as e:
             log.warning(f"could not cache the tokenized {source} in {self.folder} ({e}); set dataset.cache_dir or "
                         "SFT_CLI_CACHE to a writable folder")
