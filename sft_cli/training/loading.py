@@ -12,25 +12,23 @@ from sft_cli.training import distributed
 
 
 class LengthGroupedBatches(Sampler):
-    """Train batches of similar lengths, so that padding each batch to its longest wastes little: shuffle,
-    cut into windows of `window` batches, sort each window by length, cut it into batches, shuffle those.
-    It draws from torch's global RNG, which checkpoints hold, so resume sees the same batches."""
+    """Train batches of similar lengths, so that padding each batch to its longest wastes little: the Hugging
+    Face Trainer's group_by_length order (shuffle, sort windows of up to 50 batches by length, the longest
+    batch first so an out-of-memory shows at once). It draws from torch's global RNG, which checkpoints hold,
+    so resume sees the same batches."""
 
-    def __init__(self, lengths: list[int], batch_size: int, window: int = 50):
+    def __init__(self, lengths: list[int], batch_size: int, window: int | None = None):
         self.lengths, self.batch_size, self.window = lengths, batch_size, window
 
     def __iter__(self):
-        order, size = torch.randperm(len(self.lengths)).tolist(), self.batch_size * self.window
-        batches = []
-        for start in range(0, len(order), size):
-            chunk = sorted(order[start:start + size], key=lambda i: -self.lengths[i])
-            batches += [chunk[j:j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
-        for k in torch.randperm(len(batches)).tolist():
-            yield batches[k]
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        order = get_length_grouped_indices(self.lengths, self.batch_size, self.window)
+        for start in range(0, len(order), self.batch_size):
+            yield order[start:start + self.batch_size]
 
     def __len__(self) -> int:
-        size = self.batch_size * self.window
-        return sum(-(-min(size, len(self.lengths) - s) // self.batch_size) for s in range(0, len(self.lengths), size))
+        return -(-len(self.lengths) // self.batch_size)
 
 
 @dataclass(frozen=True)

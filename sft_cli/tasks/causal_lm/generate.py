@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from sft_cli.errors import SFTError
+from sft_cli.models.hf import pad_with_eos
 from sft_cli.results import console
 from sft_cli.tasks.causal_lm import chats
 from sft_cli.training import checkpoint, restore, runtime
@@ -62,34 +63,23 @@ def generate(model, tokenizer, prompts: list[str], options: GenerationOptions) -
     encoded = [chats.encode(tokenizer, p) for p in prompts]
     # Similar lengths share a batch (less padding); answers go back to prompt order at the end.
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_with_eos(tokenizer)  # as training padded
     sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p, "top_k": 0} \
         if options.temperature > 0 else {"do_sample": False}  # top_k=0: no hidden top-50 from the defaults
     answers, stops = [""] * len(prompts), stop_ids(model, tokenizer)
     device = next(model.parameters()).device
     for start in range(0, len(order), options.batch_size):
         batch = order[start:start + options.batch_size]
-        input_ids, attention_mask = left_pad([encoded[i] for i in batch], pad_id or 0)
-        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+        # padded on the left, so that every prompt ends where generation starts
+        padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding_side="left", return_tensors="pt")
+        input_ids = padded["input_ids"]
+        output = model.generate(input_ids=input_ids.to(device), attention_mask=padded["attention_mask"].to(device),
                                 max_new_tokens=options.max_new_tokens, eos_token_id=stops,
-                                pad_token_id=pad_id, **sampling)
+                                pad_token_id=tokenizer.pad_token_id, **sampling)
         new = output[:, input_ids.shape[1]:]  # every row starts with the same padded prompt length
         for i, ids in zip(batch, new.tolist()):
             answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return answers
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), padded on the left so that every prompt ends where generation starts.
-    Done here rather than with tokenizer.padding_side, so the tokenizer is never changed."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, s in enumerate(sequences):
-        if s:
-            input_ids[row, width - len(s):] = torch.tensor(s)
-            attention_mask[row, width - len(s):] = 1
-    return input_ids, attention_mask
 
 
 def stop_ids(model, tokenizer) -> list[int]:
