@@ -123,7 +123,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     log.info(f"model <{cfg.model._target_}> {cfg.model.get('name', cfg.model.get('name_or_path', ''))} "
              f"(weights: {cfg.model.get('weights')})")
     model = parts.require(task.model(cfg.model), cfg.model._target_)
-    model = _place(adapters.apply(model, cfg.get("adapter")), t, device, ctx)  # adapter=lora: peft
+    lora = config.build(cfg.adapter) if cfg.get("adapter") else None
+    model = _place(adapters.apply(model, lora), t, device, ctx)  # adapter=lora: peft
     policy = config.build(cfg.freeze)
     frozen = _frozen_stages(policy, model, 0)
     freeze.apply(model, model.sft.stages, frozen)

@@ -200,8 +200,10 @@ def tiny_classifier(tmp_path: Path):
 
 
 def lora(**overrides):
-    return OmegaConf.create({"_target_": "sft_cli.models.adapters.LoRA", "r": 4, "alpha": 8, "dropout": 0.0,
-                             "target_modules": None, "bias": "none", "modules_to_save": [], **overrides})
+    from sft_cli.models import adapters
+
+    return adapters.LoRA(**{"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None, "bias": "none",
+                            "modules_to_save": [], **overrides})
 
 
 def test_only_adapter_and_head_parameters_change_when_the_optimizer_steps(tmp_path: Path):

@@ -18,7 +18,6 @@ from pathlib import Path
 from omegaconf import DictConfig
 from torch import nn
 
-from sft_cli import config
 from sft_cli.errors import SFTError
 from sft_cli.models.parts import Adapter
 
@@ -47,18 +46,17 @@ class LoRA:
             raise SFTError(f"adapter.dropout={self.dropout} must be in [0, 1)")
 
 
-def apply(model: nn.Module, adapter: DictConfig | None) -> nn.Module:
-    """Inject the configured adapter (configs/adapter/) into `model` in place (nothing for adapter=none) and
+def apply(model: nn.Module, lora: "LoRA | None") -> nn.Module:
+    """Inject the adapter built from configs/adapter/ into `model` in place (nothing for adapter=none) and
     record what may train, the base it needs and the peft model that wraps it (for export: save_pretrained,
     merge_and_unload) in model.sft.adapter."""
-    if not adapter:
+    if lora is None:
         return model
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as e:
         raise SFTError(f"adapter=lora needs Hugging Face peft, which could not be imported ({e}): "
                        "pip install \"sft-cli[peft]\"") from e
-    lora = config.build(adapter)
 
     root, prefix = _root(model)
     in_full, by_hand = _in_full(model, root, prefix, lora.modules_to_save)

@@ -40,6 +40,7 @@ def load_model(cfg: DictConfig, ckpt: Path, device: torch.device):
 def _adapted_base(cfg: DictConfig, task, meta: dict, ckpt: Path):
     """An adapter checkpoint's model before its weights load: the pretrained base it names, checked against the
     fingerprint it recorded, with the same adapter injected."""
+    from sft_cli.config import build
     from sft_cli.models import adapters
 
     recorded, key = meta.get("adapter_base") or {}, adapters.base_key(cfg.model)
@@ -47,6 +48,6 @@ def _adapted_base(cfg: DictConfig, task, meta: dict, ckpt: Path):
         model = parts.require(task.model(cfg.model, pretrained=True), cfg.model._target_)
     except SFTError as e:
         raise SFTError(f"{adapters.missing_base(recorded, ckpt, key)}\n  ({e})") from e
-    adapters.apply(model, cfg.adapter)
+    adapters.apply(model, build(cfg.adapter))
     adapters.check_base(recorded, model, ckpt, key)
     return model
