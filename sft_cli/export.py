@@ -58,8 +58,9 @@ def export(cfg: DictConfig) -> Path:
         return out
     merged.save_pretrained(out)
     _save_tokenizer(tokenizer, out)
-    auto = "AutoModelForCausalLM" if merged.config.architectures and \
-        merged.config.architectures[0].endswith("ForCausalLM") else "AutoModelForSequenceClassification"
+    # BertForTokenClassification -> AutoModelForTokenClassification: the Auto class that loads any task's model
+    architecture = (merged.config.architectures or ["ModelForSequenceClassification"])[0]
+    auto = "AutoModelFor" + architecture.rpartition("For")[2]
     log.info(f"exported {'the base model with its adapter merged ' if adapter else ''}to {out}: transformers' "
              f"{auto}.from_pretrained('{out}') loads it")
     return out
