@@ -1,8 +1,8 @@
 """The causal-LM task (configs/task/causal_lm.yaml): instruction or chat fine-tuning of a language model.
 
-Data come from chat_data.chat_files (messages, prompt/completion or alpaca files, rendered with the chat
+Data come from chats.chat_files (messages, prompt/completion or alpaca files, rendered with the chat
 template or a plain prompt format, labels masked to the response tokens), the model from
-models.hf_causal_lm, the loss from configs/loss/token_cross_entropy.yaml. It reports the token-weighted loss,
+models.hf.hf_causal_lm, the loss from configs/loss/token_cross_entropy.yaml (loss.py). It reports the token-weighted loss,
 perplexity and next-token accuracy on the learned tokens, and answers a few validation prompts greedily at
 each validation (samples.jsonl), so progress can be read, not only measured.
 """

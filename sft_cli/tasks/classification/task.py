@@ -1,7 +1,8 @@
 """The classification task (configs/task/classification.yaml): images or texts in, one of N classes out.
 
-Data come from a dataset builder (data.py for images, text_data.py for labelled texts), the model from a
-classifier builder with a new head for the data's classes (models.py), the loss from configs/loss/.
+Data come from a dataset builder (images.py for images, texts.py for labelled texts), the model from a
+classifier builder with a new head for the data's classes (models/vision.py, models/hf.py), the loss from
+configs/loss/ (loss.py).
 It reports loss, accuracy and macro-F1 from a confusion matrix accumulated on the device.
 """
 
