@@ -70,7 +70,7 @@ def hf_classifier(name_or_path: str, classes: list[str], weights: str | None = "
     if tokenizer.pad_token is None and pad_with_eos(tokenizer).pad_token is not None:  # GPT-2 style
         model.config.pad_token_id = tokenizer.pad_token_id
     wrapper = TextClassifier(model, tokenizer)
-    wrapper.sft = _parts(wrapper, {f"model.{n}" for n in created}, _base(name_or_path) if weights else None)
+    wrapper.sft = transformer_parts(wrapper, {f"model.{n}" for n in created}, _base(name_or_path) if weights else None)
     return wrapper
 
 
@@ -90,8 +90,9 @@ def _base(name_or_path: str) -> dict:
             "files": weights_files(folder)}
 
 
-def _parts(wrapper: nn.Module, created: set[str], weights_from: dict | None) -> Parts:
-    """Stages of a transformers model held as wrapper.model: the input embeddings (stem), each block of its
+def transformer_parts(wrapper: nn.Module, created: set[str], weights_from: dict | None) -> Parts:
+    """The Parts of a transformers model held as wrapper.model (any task's builder uses it): the stages are
+    the input embeddings (stem), each block of its
     largest ModuleList (encoder or decoder layers), then what sits above (pooler, final norm, head), which
     is depth 0 for layer-wise lr decay. Stages whose parameters are all in `created` (made from scratch
     here, not loaded) are new: they always train. `weights_from` is Parts.base (None: no pretrained weights)."""
@@ -179,6 +180,6 @@ def hf_causal_lm(name_or_path: str, weights: str | None = "pretrained", gradient
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()  # recompute activations in backward: less memory, ~30% slower
     wrapper = CausalLM(model, tokenizer)
-    wrapper.sft = _parts(wrapper, set() if weights else {f"model.{n}" for n, _ in model.named_parameters()},
+    wrapper.sft = transformer_parts(wrapper, set() if weights else {f"model.{n}" for n, _ in model.named_parameters()},
                          _base(name_or_path) if weights else None)
     return wrapper
