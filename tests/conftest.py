@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,9 +88,24 @@ def assert_kill_and_resume_is_bitwise(args: list[str], cwd: Path) -> None:
 
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory) -> Path:
-    """One finished 3-epoch run of the (cheapened) quickstart, shared by every test that reads one."""
-    cwd = tmp_path_factory.mktemp("quick")
-    ok(run_cli("sft-train", *FAST, "trainer.max_epochs=3", "report=true", "hydra.run.dir=run", cwd=cwd))
+    """One finished 3-epoch run of the (cheapened) quickstart, shared by every test that reads one (read only:
+    tests that change a run change a copy). Under pytest-xdist the first worker that needs it makes it in the
+    folder all workers share, under a file lock; the others wait for it and reuse it (the pytest-xdist recipe
+    for session fixtures that run once)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # no xdist, or -n 0
+        cwd = tmp_path_factory.mktemp("quick")
+        ok(run_cli("sft-train", *FAST, "trainer.max_epochs=3", "report=true", "hydra.run.dir=run", cwd=cwd))
+        return cwd / "run"
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # pytest-N/, the parent of every worker's popen-gwN/
+    cwd = shared / "quick"
+    with FileLock(str(shared / "quick.lock")):
+        if not (cwd / "done").is_file():
+            shutil.rmtree(cwd, ignore_errors=True)  # a run of a worker that failed before finishing
+            cwd.mkdir()
+            ok(run_cli("sft-train", *FAST, "trainer.max_epochs=3", "report=true", "hydra.run.dir=run", cwd=cwd))
+            (cwd / "done").write_text("")
     return cwd / "run"
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_kill_and_resume_is_bitwise, ok, read_json, run_cli
 from fixtures import CODES, chat_rows, write_tiny_llama
+from inprocess import train_offline
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -29,7 +30,7 @@ def chat_run(tmp_path_factory) -> Path:
     write_tiny_llama(cwd / "tiny-llama")
     write_jsonl(cwd / "chats.jsonl", chat_rows(300, seed=1))
     write_jsonl(cwd / "held_out.jsonl", chat_rows(40, seed=7))
-    ok(run_cli("sft-train", *chat_args(cwd), "trainer.max_epochs=4", "hydra.run.dir=run", cwd=cwd))
+    train_offline([*chat_args(cwd), "trainer.max_epochs=4"], "run", cwd=cwd)
     return cwd
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_kill_and_resume_is_bitwise, ok, read_json, run_cli
 from fixtures import sentiment_rows, write_tiny_bert
+from inprocess import train_offline
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +23,9 @@ def text_run(tmp_path_factory) -> Path:
         f.write("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in sentiment_rows(1000, seed=1)))
     with open(cwd / "test.csv", "w", newline="") as f:
         csv.writer(f).writerows([("text", "label"), *sentiment_rows(60, seed=2)])
-    ok(run_cli("sft-train", "+experiment=text_classification", "dataset.train_file=train.tsv",
-               f"model.name_or_path={cwd / 'tiny-bert'}", "freeze=lower", "freeze.n=1", "optimizer.lr=1e-3",
-               "trainer.max_epochs=5", "trainer.batch_size=16", "trainer.progress_bar=false", "hydra.run.dir=run",
-               cwd=cwd))
+    train_offline(["+experiment=text_classification", "dataset.train_file=train.tsv",
+                   f"model.name_or_path={cwd / 'tiny-bert'}", "freeze=lower", "freeze.n=1", "optimizer.lr=1e-3",
+                   "trainer.max_epochs=5", "trainer.batch_size=16", "trainer.progress_bar=false"], "run", cwd=cwd)
     return cwd
 
 

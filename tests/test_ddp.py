@@ -11,6 +11,7 @@ import torch
 from sft_cli.training import distributed
 
 from conftest import FAST, ok, read_json, run_cli
+from inprocess import train_offline
 
 # Global batch 128 (64 per process) and 1,300 train images: 11 optimizer steps per epoch either way.
 # test_size=0.15 leaves 269 test images: not a multiple of 2 processes x 256 (the eval batch).
@@ -24,9 +25,9 @@ def records(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def one_and_two(tmp_path_factory) -> tuple[Path, Path]:
-    """The same 2-epoch run in one process and, through trainer.devices=2 (torchrun), in two."""
+    """The same 2-epoch run in one process (this one) and, through trainer.devices=2 (torchrun), in two."""
     cwd = tmp_path_factory.mktemp("ddp")
-    ok(run_cli("sft-train", *SAME, "hydra.run.dir=one", cwd=cwd, env={"OMP_NUM_THREADS": "1"}))
+    train_offline(SAME, "one", cwd=cwd)
     result = ok(run_cli("sft-train", *SAME, "trainer.devices=2", cwd=cwd, env={"OMP_NUM_THREADS": "1"}))
     assert "launching DDP on 2 processes" in result.output
     runs = [p.parent for p in (cwd / "outputs").rglob(".hydra")]
@@ -92,7 +93,9 @@ def test_eval_shards_cover_every_example_exactly_once():
         assert sorted(i for shard in shards for i in shard) == list(range(size))
 
 
-def test_window_sums_over_processes_in_one_process_is_the_identity():
+def test_window_sums_over_processes_in_one_process_are_copies_the_window_reset_leaves_alone():
     a, b = torch.tensor(2.0), torch.arange(4)
-    out = distributed.all_reduce_sum(a, b)
-    assert torch.equal(out[0], a) and torch.equal(out[1], b) and out[1] is not b
+    total_a, total_b = distributed.all_reduce_sum(a, b)
+    assert torch.equal(total_a, a) and torch.equal(total_b, b) and total_b.dtype == b.dtype
+    a.zero_(), b.zero_()  # the metrics zero their window sums in place after reading the totals
+    assert total_a.item() == 2.0 and torch.equal(total_b, torch.arange(4))  # fails if a total is an input or a view

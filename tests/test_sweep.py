@@ -86,8 +86,14 @@ def test_a_typo_in_the_monitored_metric_stops_a_sweep_before_its_first_run(tmp_p
 
 
 def test_a_required_value_given_only_as_swept_values_is_not_missing():
-    # image_folder needs dataset.root; swept here, so the check before the sweep must not call it missing
+    # image_folder needs dataset.root: missing when not given at all...
+    with pytest.raises(SFTError, match="missing required values: dataset.root"):
+        sweep.check_config(["+experiment=image_folder", "optimizer.lr=0.1,0.01"])
+    # ...but swept here, so the check before the sweep must not call it missing
     sweep.check_config(["+experiment=image_folder", "dataset.root=/a,/b"])
+    # and the rest of that config is still checked (a composition that failed would check nothing)
+    with pytest.raises(SFTError, match="optimizer.lr=-1 must be a positive number"):
+        sweep.check_config(["+experiment=image_folder", "dataset.root=/a,/b", "optimizer.lr=-1"])
 
 
 def test_a_sweep_folder_that_holds_runs_is_reused_only_with_skip_finished(tmp_path: Path, monkeypatch):
