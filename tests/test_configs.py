@@ -51,7 +51,8 @@ EXPERIMENTS = [p.stem for p in sorted((CONFIGS / "experiment").glob("*.yaml"))]
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_group_option_composes_and_binds(group, option):
-    text = (group == "dataset" and option in ("text_files", "glue_sst2")) or (group == "model" and "bert" in option)
+    text = (group == "dataset" and option in ("text_files", "glue_sst2", "conll_files")) or \
+        (group == "model" and "bert" in option)
     chat = option in ("chat_files", "causal_lm", "token_cross_entropy")
     pair = ["model=bert_base_uncased", "dataset=text_files"] if text else []  # text data needs a text model
     if chat:  # chat data, a causal LM and its loss go together
@@ -67,7 +68,8 @@ def test_every_experiment_composes_binds_and_documents_itself(name):
     cfg = compose_train([f"+experiment={name}", *offline])
     check_binds(cfg)
     assert cfg.name == name
-    required = {"image_folder": "root", "text_classification": "train_file", "chat_sft": "train_file"}
+    required = {"image_folder": "root", "text_classification": "train_file", "chat_sft": "train_file",
+                "ner": "train_file"}
     if name in required:
         with pytest.raises(SFTError, match=rf"dataset.{required[name]}=\.\.\."):
             checks.check(cfg)
@@ -82,10 +84,22 @@ def test_every_yaml_opens_with_a_comment():
         assert path.read_text().startswith("#"), path
 
 
-def test_the_sweep_summary_callback_binds():
+def test_the_configured_callbacks_write_the_sweep_summary_when_a_multirun_ends(tmp_path: Path):
+    # the callbacks as Hydra builds them from hydra.callbacks, called as Hydra calls them after `-m`
+    from hydra._internal.callbacks import Callbacks
+
+    for num, (lr, best) in enumerate([("0.01", 0.5), ("0.1", 0.75)]):
+        run = tmp_path / str(num)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- +experiment=quickstart\n- optimizer.lr={lr}\n")
+        (run / "summary.json").write_text('{"status": "completed", "monitor": "val/accuracy", "mode": "max", '
+                                          f'"best_value": {best}, "epochs": 1, "wall_time_s": 1.0, "test": null}}')
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", return_hydra_config=True)
-    assert _locate(cfg.hydra.callbacks.sweep_summary._target_).on_multirun_end
+        cfg = compose("train", overrides=["+experiment=quickstart", f"hydra.sweep.dir={tmp_path}"],
+                      return_hydra_config=True)
+    Callbacks(cfg).on_multirun_end(config=cfg)
+    rows = (tmp_path / "summary.csv").read_text().splitlines()
+    assert [row.split(",")[:3] for row in rows[1:]] == [["1", "1", "optimizer.lr=0.1"], ["2", "0", "optimizer.lr=0.01"]]
 
 
 def test_eval_config_composes_over_a_checkpoint_config():
