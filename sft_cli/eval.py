@@ -50,6 +50,8 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
                              | {"samples": samples})
     if "classes" in info:
         console.print_class_report(info["classes"], result)
+    elif isinstance(result.get("per_type"), dict):  # a window's scores per type (entity types of a tagger)
+        console.print_rows("per type", result["per_type"])
     log.info(f"wrote {out_dir / 'eval.json'}")
     try:
         from sft_cli.results.report import eval_report  # matplotlib, only now

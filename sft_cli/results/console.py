@@ -75,6 +75,17 @@ def print_class_report(classes: list[str], report: dict) -> None:
         console.print(matrix)
 
 
+def print_rows(title: str, rows: dict[str, dict]) -> None:
+    """A table of named rows of scores, e.g. {"PER": {"precision": .9, "recall": .8, "f1": .85, "support": 40}}."""
+    table = Table(title=title, title_justify="left")
+    columns = list(next(iter(rows.values()), {}))
+    for column in ["", *columns]:
+        table.add_column(column, justify="left" if not column else "right")
+    for name, row in rows.items():
+        table.add_row(name, *(f"{v:.3f}" if isinstance(v, float) else str(v) for v in (row.get(c) for c in columns)))
+    console.print(table)
+
+
 def print_ranking(rows: list[dict], columns: list[str], title: str) -> None:
     table = Table(title=title, title_justify="left")
     for column in columns:

@@ -163,7 +163,7 @@ def _classes(details: dict, plots: Path) -> list[Path]:
     out = _save(_confusion, plots / "confusion.png", confusion, names) if confusion else []
     split = str(details.get("split", "test"))  # eval.json says which split sft-eval scored
     return out + (_save(_f1_bars, plots / "per_class_f1.png", f1, names, details.get("macro_f1"), split)
-                  if f1 else [])
+                  if isinstance(f1, list) and f1 else [])  # a list per class; a scalar f1 is a task's overall score
 
 
 def _confusion(confusion: list[list], names: list[str]) -> Figure:

@@ -25,18 +25,31 @@ def existing_file(file: str, key: str) -> Path:
     return path
 
 
+def text_lines(path: Path):
+    """(line, text, None) per line of a UTF-8 text file (a byte-order mark is dropped), or (line, None, problem)
+    for a line that is not UTF-8, so that its message names it as path:line (and skip_bad_rows can skip it)."""
+    with path.open("rb") as f:
+        for line, raw in enumerate(f, 1):
+            try:
+                yield line, raw.decode("utf-8-sig" if line == 1 else "utf-8"), None
+            except UnicodeDecodeError as e:
+                yield line, None, (f"is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line): "
+                                   "save the file as UTF-8")
+
+
 def read_jsonl(path: Path):
     """(line, object) per non-blank line of a JSONL file; a str record says why the line is bad."""
-    with path.open(encoding="utf-8-sig") as f:
-        for line, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield line, f"is not valid JSON ({e.msg} at column {e.colno})"
-                continue
-            yield line, record if isinstance(record, dict) else f"is a JSON {type(record).__name__}, not an object"
+    for line, text, problem in text_lines(path):
+        if problem or not text.strip():
+            if problem:
+                yield line, problem
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield line, f"is not valid JSON ({e.msg} at column {e.colno})"
+            continue
+        yield line, record if isinstance(record, dict) else f"is a JSON {type(record).__name__}, not an object"
 
 
 def read_rows(file: str, key: str, records: Iterable[tuple[str, object]], parse: Callable, skip: bool,

@@ -19,14 +19,14 @@ from sft_cli.models.hf import pad_with_eos
 log = logging.getLogger(__name__)
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, **options):
     """The tokenizer of a local folder or a hub name, padding with its end-of-sequence token when it has no
-    pad token (GPT-2 style and most causal LMs)."""
+    pad token (GPT-2 style and most causal LMs); `options` go to from_pretrained (add_prefix_space=True)."""
     from transformers import AutoTokenizer  # imported here: configs bind this module without loading transformers
 
     local = Path(to_absolute_path(name_or_path))
     try:
-        tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else name_or_path)
+        tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else name_or_path, **options)
     except (OSError, ValueError) as e:
         raise SFTError(f"model.name_or_path={name_or_path}: its tokenizer could not be loaded ({type(e).__name__}: "
                        f"{str(e)[:300]}). Give a local folder saved with save_pretrained(), or run once with "

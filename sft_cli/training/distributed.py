@@ -115,6 +115,16 @@ def all_reduce_sum(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] in one process. For what a metric
+    window gathers once per read (sequences that sums cannot hold)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def wrap(model: nn.Module, device: torch.device, ctx: Context) -> nn.Module:
     """The module to train: `model` itself in one process, else a DDP wrapper over its trainable parameters.
     Call again whenever requires_grad changes (gradual unfreezing): DDP fixes its buckets when built."""
