@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import FAST, assert_kill_and_resume_is_bitwise, ok, read_json, run_cli
 from fixtures import chat_rows, sentiment_rows, write_tiny_bert, write_tiny_llama
+from inprocess import train_offline
 
 pytest.importorskip("peft")
 
@@ -35,11 +36,10 @@ def text_lora(tmp_path_factory) -> Path:
     write_tiny_bert(cwd / "tiny-bert")
     for name, n, seed in (("train.tsv", 600, 1), ("val.tsv", 80, 2)):
         (cwd / name).write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in sentiment_rows(n, seed=seed)))
-    ok(run_cli("sft-train", "+experiment=text_classification", "dataset.train_file=train.tsv",
-               "dataset.val_file=val.tsv", f"model.name_or_path={cwd / 'tiny-bert'}", "adapter=lora", "adapter.r=4",
-               "adapter.dropout=0.05",
-               "optimizer.lr=5e-3", "trainer.max_epochs=6", "trainer.batch_size=16", "trainer.progress_bar=false",
-               "report=false", "hydra.run.dir=run", cwd=cwd))
+    train_offline(["+experiment=text_classification", "dataset.train_file=train.tsv", "dataset.val_file=val.tsv",
+                   f"model.name_or_path={cwd / 'tiny-bert'}", "adapter=lora", "adapter.r=4", "adapter.dropout=0.05",
+                   "optimizer.lr=5e-3", "trainer.max_epochs=6", "trainer.batch_size=16", "trainer.progress_bar=false",
+                   "report=false"], "run", cwd=cwd)
     return cwd
 
 
@@ -110,7 +110,7 @@ def chat_lora(tmp_path_factory) -> Path:
     write_tiny_llama(cwd / "tiny-llama")
     for name, n, seed in (("train.jsonl", 160, 0), ("val.jsonl", 24, 1)):
         (cwd / name).write_text("".join(json.dumps(r) + "\n" for r in chat_rows(n, seed=seed)))
-    ok(run_cli("sft-train", *chat_args(cwd), "hydra.run.dir=run", cwd=cwd))
+    train_offline(chat_args(cwd), "run", cwd=cwd)
     return cwd
 
 
@@ -165,8 +165,8 @@ def test_lora_on_a_resnets_upper_blocks_trains_convolutions_and_exports_merged_w
 
     torch.manual_seed(0)
     torch.save(models.resnet18(num_classes=1000).state_dict(), tmp_path / "resnet18-base.pth")  # the "pretrained" base
-    ok(run_cli("sft-train", *FAST, f"model.weights={tmp_path / 'resnet18-base.pth'}", "adapter=lora",
-               "adapter.target_modules=[layer3,layer4]", "trainer.max_epochs=2", "hydra.run.dir=run", cwd=tmp_path))
+    train_offline([*FAST, f"model.weights={tmp_path / 'resnet18-base.pth'}", "adapter=lora",
+                   "adapter.target_modules=[layer3,layer4]", "trainer.max_epochs=2"], "run", cwd=tmp_path)
     ckpt = tmp_path / "run" / "checkpoints" / "best"
     weights = load_file(ckpt / "model.safetensors")
     adapted = {k.split(".lora_")[0] for k in weights if ".lora_" in k}
