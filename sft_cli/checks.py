@@ -151,11 +151,11 @@ def _is_size(value) -> bool:
 
 def _resume_problems(resume: str) -> list[str]:
     from sft_cli.training import (
-        checkpoint,  # resolve() only looks at files (checkpoint.py imports no torch for it)
+        checkpoint,  # resolve() and load_config() only read files (checkpoint.py imports no torch for them)
     )
 
     try:
-        checkpoint.resolve(resume)
+        checkpoint.load_config(checkpoint.resolve(resume))  # its config's _target_s are checked there
     except SFTError as e:
         return [f"resume={resume!r}: {e}"]
     return []

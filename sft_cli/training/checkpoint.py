@@ -16,6 +16,7 @@ torch.load(weights_only=True).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -276,8 +277,53 @@ def _config(path: Path) -> DictConfig:
 
 
 def load_config(ckpt: Path) -> DictConfig:
-    """The checkpoint's config.yaml, its `_target_`s upgraded to where they live now (MOVED)."""
-    return upgrade_targets(_read(ckpt, CONFIG_FILE, _config))
+    """The checkpoint's config.yaml, its `_target_`s upgraded to where they live now (MOVED) and each checked
+    against the allowlist (a checkpoint is data: loading one must never run code)."""
+    cfg = upgrade_targets(_read(ckpt, CONFIG_FILE, _config))
+    check_targets(cfg, ckpt / CONFIG_FILE)
+    return cfg
+
+
+ALLOW_ENV = "SFT_CLI_ALLOW_TARGETS"
+# torch's optimizers and lr schedulers, by class name: what a config names as optimizer or scheduler
+LIBRARY_TARGETS = re.compile(r"torch\.optim\.(lr_scheduler\.)?[A-Z][A-Za-z0-9_]*")
+
+
+def check_targets(cfg: DictConfig, source: Path) -> None:
+    """Refuse a config read from a file unless every `_target_` in it is one that sft-cli's shipped configs
+    name, a torch optimizer or lr scheduler, or one the user allowed in $SFT_CLI_ALLOW_TARGETS (comma-separated
+    names, or prefixes ending in `.*`). Instantiating any other callable named by a file someone sent you
+    (torch.load of a pickle, subprocess.run) would run their code."""
+    allowed = [a.strip() for a in os.environ.get(ALLOW_ENV, "").split(",") if a.strip()]
+
+    def ok(target: str) -> bool:
+        return target in _shipped_targets() or bool(LIBRARY_TARGETS.fullmatch(target)) or any(
+            target == a or (a.endswith(".*") and target.startswith(a[:-1])) for a in allowed)
+
+    for key, target in _targets(OmegaConf.to_container(cfg)):
+        if not isinstance(target, str) or not ok(target):
+            raise SFTError(f"{source}: {key}={target!r} is not a constructor sft-cli's own configs use, so loading "
+                           "this checkpoint could run code it names. If you trust it (your own builder), allow it: "
+                           f"{ALLOW_ENV}={target}")
+
+
+def _targets(node, key: str = ""):
+    """(dotted key, value) of every `_target_` in a plain config container."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from [(f"{key}{k}", v)] if k == "_target_" else _targets(v, f"{key}{k}.")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _targets(v, f"{key}{i}.")
+
+
+@functools.cache
+def _shipped_targets() -> frozenset[str]:
+    """Every `_target_` that a YAML under the shipped configs/ names."""
+    from sft_cli.config import find_config_dir
+
+    found = re.compile(r"^\s*_target_:\s*([\w.]+)", re.MULTILINE)
+    return frozenset(t for f in Path(find_config_dir()).rglob("*.yaml") for t in found.findall(f.read_text()))
 
 
 # Where the `_target_`s of configs written by sft-cli before the task folders (up to main 0ea1499) live now: a
