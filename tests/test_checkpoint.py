@@ -416,3 +416,10 @@ def test_a_run_killed_before_its_first_metrics_row_and_validation_resumes_into_a
     assert (folder / "last").resolve().name == "step-00000005"
     assert not (folder / "best").exists()  # never validated: no best until the resumed run validates
     assert not (tmp_path / "resumed" / "metrics.csv").exists()
+
+
+def test_an_empty_checkpoint_path_says_it_is_empty_not_that_it_holds_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Path("") is the current folder, which holds no checkpoint
+    for empty in ("", "  "):
+        with pytest.raises(SFTError, match=r"^checkpoint= is empty: give a run folder"):
+            checkpoint.resolve(empty)

@@ -192,6 +192,9 @@ def _size(path: Path) -> int:
 def resolve(path: str | Path) -> Path:
     """A checkpoint folder from what a user may give: a run folder, its checkpoints/ folder, a checkpoint
     folder (or last/best link), or a file inside one."""
+    if not str(path).strip():  # `checkpoint=` with nothing after it: Path("") would be the current folder
+        raise SFTError("checkpoint= is empty: give a run folder (outputs/<name>/<date>/<time>) or a checkpoint "
+                       "(outputs/<name>/<date>/<time>/checkpoints/best).")
     p = Path(path).expanduser()
     try:
         return _resolve(p, path)
