@@ -23,6 +23,10 @@ def export(cfg: DictConfig) -> Path:
         what = "is a file" if not out.is_dir() else "exists and is not empty"
         raise SFTError(f"output={out} {what}: output must be a new or empty folder (nothing is overwritten)")
     ckpt = checkpoint.resolve(cfg.checkpoint)
+    run = ckpt.resolve().parent.parent  # a checkpoint's own folders, and its run's, are never written into
+    if out.resolve() == run or run in out.resolve().parents:
+        raise SFTError(f"output={out} lies inside the run folder of the checkpoint ({run}): choose a folder outside "
+                       "it (e.g. output=exported/), so the run's checkpoints stay as they were written.")
     adapter, merge = bool(cfg.get("adapter")), cfg.get("merge", True)
     if not adapter and not (ckpt / "hf").is_dir():
         raise SFTError(f"{ckpt} holds a torchvision model: its weights are already a plain safetensors file, "

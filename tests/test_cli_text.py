@@ -91,3 +91,8 @@ def test_export_loads_in_plain_transformers_with_the_label_names(text_run: Path)
     assert [model.config.id2label[i] for i in logits.argmax(1).tolist()] == ["neg", "pos"]
     again = run_cli("sft-export", "checkpoint=run/checkpoints/best", "output=exported", cwd=text_run)
     assert again.returncode == 1 and "not empty" in again.output
+    before = sorted(p.relative_to(text_run) for p in (text_run / "run").rglob("*"))
+    for inside in ("run/checkpoints/best/x", "run/exported"):
+        refused = run_cli("sft-export", "checkpoint=run/checkpoints/best", f"output={inside}", cwd=text_run)
+        assert refused.returncode == 1 and "lies inside the run folder" in refused.output, refused.output[-800:]
+    assert sorted(p.relative_to(text_run) for p in (text_run / "run").rglob("*")) == before
