@@ -423,3 +423,17 @@ def test_an_empty_checkpoint_path_says_it_is_empty_not_that_it_holds_nothing(tmp
     for empty in ("", "  "):
         with pytest.raises(SFTError, match=r"^checkpoint= is empty: give a run folder"):
             checkpoint.resolve(empty)
+
+
+def test_a_metrics_line_cut_by_a_kill_is_left_out_of_the_resumed_history_with_a_warning(tmp_path, caplog):
+    source = tmp_path / "source"
+    step = source / "checkpoints" / "step-00000005"
+    step.mkdir(parents=True)
+    (step / checkpoint.MODEL_FILE).write_bytes(b"weights")
+    (source / "checkpoints" / "last").symlink_to("step-00000005")
+    whole = ['{"epoch": 1, "step": 2, "split": "train", "loss": 1.0}', '{"epoch": 1, "step": 4, "split": "val"}']
+    (source / "metrics.jsonl").write_text("\n".join(whole) + '\n{"epoch": 1, "step": 5, "spl')  # killed mid-write
+    with caplog.at_level(logging.WARNING):
+        checkpoint.copy_history(source / "checkpoints" / "last", tmp_path / "resumed", epoch=1, step=5)
+    assert (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines() == whole
+    assert any("metrics.jsonl:3 is cut short" in r.getMessage() for r in caplog.records)

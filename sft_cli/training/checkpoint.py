@@ -420,8 +420,16 @@ def copy_history(ckpt: Path, run_dir: Path, epoch: int, step: int) -> None:
         (folder / tag).symlink_to(src.name, target_is_directory=True)
     source_run = ckpt.resolve().parent.parent
     if (source_run / "metrics.jsonl").is_file():
-        kept = [line for line in (source_run / "metrics.jsonl").read_text().splitlines()
-                if line and json.loads(line)["step"] <= step]
+        kept = []
+        for number, line in enumerate((source_run / "metrics.jsonl").read_text().splitlines(), 1):
+            try:
+                record = json.loads(line) if line else None
+            except json.JSONDecodeError:  # the line a kill cut short
+                log.warning(f"{source_run / 'metrics.jsonl'}:{number} is cut short (the run was killed while "
+                            "writing it): the resumed run's history leaves it out")
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
         (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
     lines = (source_run / "metrics.csv").read_text().splitlines() if (source_run / "metrics.csv").is_file() else []
     if lines:  # empty when the run was killed before its first row was flushed
