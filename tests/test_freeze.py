@@ -198,3 +198,16 @@ def test_vit_head_only_freezes_direct_parameters_of_the_stem(vit):
         assert counts["stem"][0] == 0 and counts["stem"][1] == 768 + 768 * 3 * 16 * 16 + 768 + 197 * 768
     finally:
         freeze.apply(vit, stages, [])
+
+
+def test_nothing_to_train_names_the_freeze_option_as_typed_not_its_class():
+    from omegaconf import OmegaConf
+    from torch import nn
+
+    from sft_cli import train
+    from sft_cli.errors import SFTError
+
+    model = nn.Linear(2, 2).requires_grad_(False)
+    cfg = OmegaConf.create({"freeze": {"_target_": "sft_cli.models.freeze.HeadOnly"}})
+    with pytest.raises(SFTError, match=r"nothing trains in epoch 1: freeze=head_only leaves"):
+        train._check_something_trains(model, 0, cfg)
