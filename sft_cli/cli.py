@@ -275,8 +275,12 @@ def _claim_run_dir(argv: list[str]) -> None:
     run_dir = Path(given).resolve()
     if os.environ.get(CLAIMED_ENV) == str(run_dir):
         return  # started by the process that holds it (distributed.launch's torchrun)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    held = disk.lock(run_dir / LOCK_FILE, wait=False)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        held = disk.lock(run_dir / LOCK_FILE, wait=False)
+    except OSError as e:  # an existing file, a path under /proc, a read-only disk
+        _fail(SFTError(f"hydra.run.dir={given} cannot be a run folder ({e.strerror or e}): give a folder path that "
+                       "can be created and written, or leave hydra.run.dir out for the default."))
     if held is None:
         pid = (run_dir / LOCK_FILE).read_text().strip() or "unknown"
         _fail(SFTError(f"hydra.run.dir={run_dir} is in use by another sft-cli process (pid {pid}); it is left "

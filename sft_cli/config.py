@@ -129,9 +129,14 @@ OmegaConf.register_new_resolver("sft_asset", assets.path, replace=True)
 
 
 def arg(argv: list[str], key: str) -> str | None:
-    """The value the command line gives `key`, however it is spelled (key=, +key=, ++key=); the last wins."""
+    """The value the command line gives `key`, however it is spelled (key=, +key=, ++key=), without the quotes
+    Hydra's grammar allows around it (key='a folder'); the last wins."""
     values = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith(f"{key}=")]
-    return values[-1] if values else None
+    if not values:
+        return None
+    value = values[-1]
+    quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+    return value[1:-1] if quoted else value
 
 
 def build(node: DictConfig, *args, **kwargs):

@@ -270,3 +270,25 @@ def test_an_empty_hydra_run_dir_is_refused_before_anything_is_written(tmp_path: 
     result = run_cli("sft-train", *FAST, "hydra.run.dir=", cwd=tmp_path)
     assert result.returncode == 1 and "hydra.run.dir= is empty" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_a_quoted_run_dir_is_guarded_as_the_folder_it_names(tmp_path: Path):
+    finished = tmp_path / "finished run"
+    (finished / ".hydra").mkdir(parents=True)
+    for name, text in (("summary.json", "{}"), (".hydra/config.yaml", "original: true\n"), ("train.log", "old\n")):
+        (finished / name).write_text(text)
+    before = {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()}
+    for quoted in (f"'{finished}'", f'"{finished}"'):
+        result = run_cli("sft-train", *FAST, f"hydra.run.dir={quoted}", cwd=tmp_path)
+        assert result.returncode == 1 and "already holds a run" in result.output, result.output[-1500:]
+    assert {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finished run"]  # no stray folder named ' or "
+
+
+def test_a_run_dir_that_is_a_file_or_cannot_be_created_is_one_clear_error(tmp_path: Path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for bad in ("notes.txt", "notes.txt/run", "/proc/sft-cli-run"):
+        result = run_cli("sft-train", *FAST, f"hydra.run.dir={bad}", cwd=tmp_path)
+        assert result.returncode == 1 and "Traceback" not in result.output, result.output[-1500:]
+        assert f"hydra.run.dir={bad} cannot be a run folder" in result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
