@@ -160,6 +160,10 @@ def check_config(overrides: list[str]) -> None:
 
         checks.check_monitor(cfg, get_class(cfg.task._target_).metrics)
     given = config.arg(overrides, "hydra.sweep.dir")  # the default folder is new by construction
+    run = [n for n in ("summary.json", "metrics.jsonl", "checkpoints") if given and (Path(given) / n).exists()]
+    if run:
+        raise SFTError(f"hydra.sweep.dir={given} is the folder of a run ({', '.join(run)}), not of a sweep; it is left "
+                       "untouched. Choose a new folder for the sweep, or leave hydra.sweep.dir at its default.")
     if given and not cfg.sweep.skip_finished and any(Path(given).glob("*/summary.json")):
         raise SFTError(f"hydra.sweep.dir={given} already holds the runs of an earlier sweep; they are left "
                        "untouched. Choose a new folder, or add sweep.skip_finished=true to reuse its finished "

@@ -105,6 +105,14 @@ def test_a_sweep_folder_that_holds_runs_is_reused_only_with_skip_finished(tmp_pa
                         "sweep.skip_finished=true"])
 
 
+def test_a_finished_run_is_never_a_sweep_folder(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_run(tmp_path, "run", ["optimizer.lr=0.1"], finished(0.9, 0.9))  # a single run's folder
+    for extra in ([], ["sweep.skip_finished=true"]):
+        with pytest.raises(SFTError, match=r"hydra.sweep.dir=run is the folder of a run \(summary.json"):
+            sweep.check_config(["+experiment=quickstart", "optimizer.lr=0.1,0.01", "hydra.sweep.dir=run", *extra])
+
+
 def test_launcher_presets_compose(tmp_path: Path):
     result = ok(run_cli("sft-train", "+experiment=quickstart", "+launcher=slurm", "--cfg", "hydra", cwd=tmp_path))
     launcher = OmegaConf.to_container(OmegaConf.create(result.stdout))["hydra"]["launcher"]
