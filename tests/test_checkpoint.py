@@ -4,6 +4,7 @@ import argparse
 import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
 from collections import OrderedDict
@@ -127,8 +128,7 @@ def test_a_failed_save_leaves_last_on_the_previous_complete_checkpoint(tmp_path,
     assert f"the checkpoint step-00000020 could not be written to {folder}" in message
     assert "No space left on device" in message
     assert f"checkpoints/last still points at the previous complete checkpoint {folder / 'step-00000010'}" in message
-    assert f"Free space on that disk (or fix the cause above), then continue the run with resume={folder.parent}." \
-        in message
+    assert f"Free space on that disk, then continue the run with resume={folder.parent}." in message
 
     assert sorted(p.name for p in folder.iterdir()) == ["best", "last", "step-00000010"]  # no temporary folder
     for tag in ("last", "best"):
@@ -149,10 +149,25 @@ def test_a_failed_save_leaves_last_on_the_previous_complete_checkpoint(tmp_path,
 def test_a_failed_first_save_says_there_is_no_checkpoint_yet(tmp_path, monkeypatch):
     folder = tmp_path / "run" / "checkpoints"
     fill_disk(monkeypatch, "torch.save OSError")
-    with pytest.raises(SFTError, match="there is no complete checkpoint of this run yet. Free space on that disk "
-                                       r"\(or fix the cause above\), then start the run again."):
+    with pytest.raises(SFTError, match="there is no complete checkpoint of this run yet. Free space on that disk, "
+                                       "then start the run again."):
         save(folder, 10, ["last", "best"], tiny_model())
     assert list(folder.iterdir()) == []
+
+
+def test_a_save_into_a_folder_that_refuses_writes_says_so_even_when_its_cleanup_fails_too(tmp_path, monkeypatch):
+    folder = tmp_path / "run" / "checkpoints"
+    save(folder, 10, ["last", "best"], tiny_model())
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(torch, "save", denied)
+    monkeypatch.setattr(Path, "unlink", denied)  # the cleanup of the temporary links is refused as well
+    with pytest.raises(SFTError, match=rf"Permission denied.*Make {re.escape(str(folder))} writable, then continue"):
+        save(folder, 20, ["last"], tiny_model())
+    monkeypatch.undo()
+    assert os.readlink(folder / "last") == "step-00000010"
 
 
 def test_save_syncs_every_file_and_folder_before_and_after_each_rename(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ torch.load(weights_only=True).
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -125,7 +126,10 @@ def _discard(folder: Path, tmp: Path) -> None:
     """Remove what a failed save of this process left: its temporary folder and links."""
     shutil.rmtree(tmp, ignore_errors=True)
     for tag in TAGS:
-        (folder / f".{tag}.tmp-{os.getpid()}").unlink(missing_ok=True)
+        try:
+            (folder / f".{tag}.tmp-{os.getpid()}").unlink(missing_ok=True)
+        except OSError:  # the disk or folder that failed the save may refuse this too: the error to report is the first
+            pass
 
 
 def _save_failed(folder: Path, name: str, e: Exception) -> str:
@@ -134,8 +138,11 @@ def _save_failed(folder: Path, name: str, e: Exception) -> str:
     where = (f"checkpoints/last still points at the previous complete checkpoint {folder / previous}" if previous
              else "there is no complete checkpoint of this run yet")
     then = f"continue the run with resume={folder.parent}" if previous else "start the run again"
+    fix = (f"Make {folder} writable" if isinstance(e, PermissionError) else
+           "Free space on that disk" if getattr(e, "errno", None) == errno.ENOSPC or "space" in str(e).lower() else
+           "Fix the cause above (free space on that disk, or make the folder writable)")
     return (f"the checkpoint {name} could not be written to {folder} ({type(e).__name__}: {str(e)[:300]}); "
-            f"{where}. Free space on that disk (or fix the cause above), then {then}.")
+            f"{where}. {fix}, then {then}.")
 
 
 def _remove_unreferenced(folder: Path) -> None:
