@@ -4,6 +4,7 @@ train.py, what a sweep needs in sweep.py. torchrun starts this module directly:
     torchrun --standalone --nproc_per_node=4 -m sft_cli.cli +experiment=cifar10_resnet18"""
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -139,6 +140,18 @@ def _prints_only(args) -> bool:
                 args.config_name, args.config_dir, args.experimental_rerun))
 
 
+def _fix_last(job):
+    """A job's SFTError printed as _fail prints it: the message, whose last line is the fix, and exit code 1
+    (Hydra would add a line about HYDRA_FULL_ERROR below it, for a traceback that does not exist)."""
+    @functools.wraps(job)
+    def run(*args, **kwargs):
+        try:
+            return job(*args, **kwargs)
+        except SFTError as e:
+            _fail(e)
+    return run
+
+
 def _refuse_bare_train(argv: list[str]) -> None:
     """A bare sft-train would train the defaults (CIFAR-10 and ImageNet weights, both downloaded, and a
     7x7-stem ResNet on 32x32 images): ask for an experiment instead, listing them."""
@@ -152,6 +165,7 @@ def _refuse_bare_train(argv: list[str]) -> None:
 
 
 @hydra.main(config_path=config.find_config_dir(), config_name="train", version_base="1.3")
+@_fix_last
 def _train_job(cfg: DictConfig) -> float | None:
     """One run. In a sweep (-m), a run that an earlier sweep finished is reused with sweep.skip_finished=true,
     and an error is recorded as a failed run (summary.json with the reason) instead of stopping the sweep."""
@@ -211,6 +225,7 @@ def _log_to_files(message: str, exc_info: bool) -> None:
 
 
 @hydra.main(config_path=config.find_config_dir(), config_name="eval", version_base="1.3")
+@_fix_last
 def _eval(cfg: DictConfig) -> None:
     checks.require(cfg)
     from sft_cli.eval import evaluate_checkpoint
@@ -219,12 +234,14 @@ def _eval(cfg: DictConfig) -> None:
 
 
 @hydra.main(config_path=config.find_config_dir(), config_name="predict", version_base="1.3")
+@_fix_last
 def _predict(cfg: DictConfig) -> None:
     checks.require(cfg)
     config.build(cfg.task).predict(cfg, Path(HydraConfig.get().runtime.output_dir))  # each task predicts its way
 
 
 @hydra.main(config_path=config.find_config_dir(), config_name="export", version_base="1.3")
+@_fix_last
 def _export(cfg: DictConfig) -> None:
     checks.require(cfg)
     from sft_cli.export import export

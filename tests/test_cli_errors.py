@@ -109,3 +109,12 @@ def test_text_file_mistakes_name_the_file_and_line(tmp_path: Path):
     (tmp_path / "reviews.tsv").write_text("text\tlabel\ngreat film\tpos\n\tneg\n")
     result = run_cli("sft-train", "+experiment=text_classification", "dataset.train_file=reviews.tsv", cwd=tmp_path)
     refused(result, "reviews.tsv:3", "dataset.skip_bad_rows=true")
+
+
+def test_the_last_line_a_user_reads_is_the_fix_not_a_note_about_tracebacks(tmp_path: Path):
+    for command, args, fix in (("sft-train", [*FAST, "optimizer.lr=-1"], "e.g. optimizer.lr=1e-3"),
+                               ("sft-eval", [f"checkpoint={tmp_path}"], "checkpoints/best")):
+        result = run_cli(command, *args, cwd=tmp_path)
+        refused(result, fix)
+        last = [line for line in result.output.splitlines() if line.strip()][-1]
+        assert fix in last and "HYDRA_FULL_ERROR" not in result.output, result.output[-1500:]
