@@ -60,3 +60,11 @@ def test_a_causal_lm_s_weights_follow_trainer_precision_only_on_a_gpu_with_nativ
     assert weight_dtype("bfloat16") == torch.bfloat16
     with pytest.raises(SFTError, match="model.dtype='half' is not one of: auto, float32"):
         weight_dtype("half")
+
+
+def test_an_incomplete_weights_file_is_named_as_such(tmp_path):
+    write_tiny_bert(tmp_path / "bert")
+    weights = tmp_path / "bert" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a cut download
+    with pytest.raises(SFTError, match=rf"its weights \({weights}\) are incomplete or corrupt.*download or copy"):
+        hf.hf_classifier(str(tmp_path / "bert"), ["a", "b"])

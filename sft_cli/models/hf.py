@@ -4,11 +4,27 @@ for the data's classes, causal LMs; each keeps its tokenizer, and its stages for
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from sft_cli.errors import SFTError, not_one_of
 from sft_cli.models.parts import Parts
 from sft_cli.models.stages import stage_names
+
+
+LOAD_ERRORS = (OSError, ValueError, SafetensorError)  # what from_pretrained raises for a model it cannot load
+
+
+def load_failed(name_or_path: str, what: str, error: Exception) -> SFTError:
+    """The error for a transformers model that from_pretrained could not load: an incomplete weights file is
+    named as such (a cut download or copy), anything else with what transformers said."""
+    if isinstance(error, SafetensorError):
+        files = sorted(str(f) for f in Path(name_or_path).glob("*.safetensors")) or [name_or_path]
+        return SFTError(f"model.name_or_path={name_or_path}: its weights ({', '.join(files)}) are incomplete or "
+                        f"corrupt ({str(error)[:200]}): download or copy the model again.")
+    return SFTError(f"model.name_or_path={name_or_path} could not be loaded{what} ({type(error).__name__}: "
+                    f"{str(error)[:300]}). Give a local folder saved with save_pretrained(), or run once with network "
+                    "access so the hub files are cached.")
 
 
 def pad_with_eos(tokenizer):
@@ -62,10 +78,8 @@ def hf_classifier(name_or_path: str, classes: list[str], weights: str | None = "
         else:
             model = AutoModelForSequenceClassification.from_config(config)
             created = {n for n, _ in model.named_parameters()}
-    except (OSError, ValueError) as e:
-        raise SFTError(f"model.name_or_path={name_or_path} could not be loaded ({type(e).__name__}: {str(e)[:300]}). "
-                       "Give a local folder saved with save_pretrained(), or run once with network access so the "
-                       "hub files are cached.") from e
+    except LOAD_ERRORS as e:
+        raise load_failed(name_or_path, "", e) from e
     model.float()  # transformers keeps a checkpoint's stored dtype (bf16, fp16): train in fp32, autocast on top
     if tokenizer.pad_token is None and pad_with_eos(tokenizer).pad_token is not None:  # GPT-2 style
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -172,10 +186,8 @@ def hf_causal_lm(name_or_path: str, weights: str | None = "pretrained", gradient
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
         else:
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), dtype=torch_dtype)
-    except (OSError, ValueError) as e:
-        raise SFTError(f"model.name_or_path={name_or_path} could not be loaded as a causal LM ({type(e).__name__}: "
-                       f"{str(e)[:300]}). Give a local folder saved with save_pretrained(), or run once with "
-                       "network access so the hub files are cached.") from e
+    except LOAD_ERRORS as e:
+        raise load_failed(name_or_path, " as a causal LM", e) from e
     pad_with_eos(tokenizer)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()  # recompute activations in backward: less memory, ~30% slower

@@ -1,7 +1,6 @@
 """The token classifier: any transformers AutoModelForTokenClassification with a new head for the data's tags."""
 
-from sft_cli.errors import SFTError
-from sft_cli.models.hf import TextClassifier, _base, transformer_parts
+from sft_cli.models.hf import LOAD_ERRORS, TextClassifier, _base, load_failed, transformer_parts
 from sft_cli.tasks.token_classification.conll import tagging_tokenizer
 
 
@@ -27,10 +26,8 @@ def hf_token_classifier(name_or_path: str, classes: list[str], weights: str | No
         else:
             model = AutoModelForTokenClassification.from_config(config)
             created = {n for n, _ in model.named_parameters()}
-    except (OSError, ValueError) as e:
-        raise SFTError(f"model.name_or_path={name_or_path} could not be loaded as a token classifier "
-                       f"({type(e).__name__}: {str(e)[:300]}). Give a local folder saved with save_pretrained(), "
-                       "or run once with network access so the hub files are cached.") from e
+    except LOAD_ERRORS as e:
+        raise load_failed(name_or_path, " as a token classifier", e) from e
     model.float()  # a checkpoint's stored dtype (bf16, fp16): train in fp32, autocast on top
     wrapper = TextClassifier(model, tokenizer)
     wrapper.sft = transformer_parts(wrapper, {f"model.{n}" for n in created}, _base(name_or_path) if weights else None)
