@@ -64,7 +64,8 @@ def test_every_group_option_composes_and_binds(group, option):
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_binds_and_documents_itself(name):
-    offline = ["model.name_or_path=/my/llm"] if name.startswith("chat") else []  # not the PyPI download
+    pypi = name.startswith("chat") or name == "ner_quickstart"  # their models come from a PyPI download
+    offline = ["model.name_or_path=/my/llm"] if pypi else []
     cfg = compose_train([f"+experiment={name}", *offline])
     check_binds(cfg)
     assert cfg.name == name
