@@ -2,7 +2,8 @@
 
     python scripts/bench.py --task vision --model resnet18 --image-size 32 --batch-size 128 --steps 50
     python scripts/bench.py --task text --model <local BERT dir> --seq-len 128 --steps 50
-    python scripts/bench.py --all --json bench.json
+    python scripts/bench.py --task ner --model <local BERT dir> --seq-len 64 --batch-size 16 --steps 10
+    python scripts/bench.py --all --json bench.json          # vision and text
 
 All loops run in one process, on the same device, with the same model, data, batch size, precision and
 optimizer:
@@ -11,11 +12,14 @@ optimizer:
       DataLoader. Text: the batch is tokenized and padded to max_length at every step;
   (c) sft-cli's recipe, sft_cli.train.train() as sft-train runs it. Its samples/s come from the run's
       metrics.jsonl;
-  (d) text only: the Hugging Face transformers.Trainer on the same tokenized examples, with
-      DataCollatorWithPadding, the same lr, weight decay, linear warmup/decay and gradient clipping (its
-      default max_grad_norm=1.0, which the text recipe also uses); timed by a callback at the same steps;
+  (d) text and ner: the Hugging Face transformers.Trainer on the same tokenized examples, with
+      DataCollatorWithPadding (ner: DataCollatorForTokenClassification), the same lr, weight decay, linear
+      warmup/decay and gradient clipping (its default max_grad_norm=1.0, which the text and ner recipes also
+      use); timed by a callback at the same steps. For ner, the entity F1 on the val split of (c)'s last
+      validation and of (d)'s model, scored the same way (seqeval, strict), are reported beside each other;
   (e) the data pipeline alone (the model is replaced by the identity).
-The data are synthetic: a CIFAR-10-format pickle folder, or a TSV of random sentences, in a temp folder.
+ner runs (a), (c) and (d) only (no naive loop). The data are synthetic: a CIFAR-10-format pickle folder, a TSV
+of random sentences, or CoNLL files of random sentences holding names, places and companies, in a temp folder.
 Each figure is the median of --repeats windows of --steps steps, after warm-up, and CUDA is synchronised
 before every clock read. (a) is timed half before (b) and half after (c) (and (d)), so that a machine whose speed
 drifts (a shared CPU does, by 10% or more) does not bias c/a.
@@ -51,19 +55,23 @@ from sft_cli.training.loading import LoaderOptions, make_loader, to_device
 
 WORDS = ["good", "great", "fine", "enjoyed", "bad", "awful", "poor", "hated",
          "the", "a", "movie", "film", "book", "it", "was", "is", "very", "really", "and"]
+# ner: (type, first words, words that may follow them) of the entities put into the filler sentences
+ENTITIES = [("PER", ["alice", "bob", "carol", "dave", "erin"], ["smith", "jones", "brown"]),
+            ("LOC", ["paris", "berlin", "rome", "oslo", "lima"], []),
+            ("ORG", ["acme", "globex", "initech", "umbrella"], ["corp", "labs"])]
 BIN = Path(sys.executable).parent
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--task", choices=("vision", "text"), default="vision")
+    p.add_argument("--task", choices=("vision", "text", "ner"), default="vision")
     p.add_argument("--all", action="store_true", help="vision (resnet18, 32x32, batch 128) and text (tiny BERT)")
     p.add_argument("--model", default=None, help="vision: a torchvision model name (default resnet18); "
-                   "text: a local BERT folder or hub name (default: a tiny BERT built here)")
+                   "text, ner: a local BERT folder or hub name (default: a tiny BERT built here)")
     p.add_argument("--bert", default=None, help="--all: the text model (default: a tiny BERT built here)")
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=128, help="text: max_length")
-    p.add_argument("--batch-size", type=int, default=None, help="default 128 (vision), 32 (text)")
+    p.add_argument("--seq-len", type=int, default=128, help="text, ner: max_length")
+    p.add_argument("--batch-size", type=int, default=None, help="default 128 (vision), 32 (text, ner)")
     p.add_argument("--steps", type=int, default=50, help="optimizer steps per timed window")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
@@ -176,7 +184,28 @@ def write_sentences(path: Path, n: int, seq_len: int, seed: int = 0) -> Path:
     return path
 
 
-def write_tiny_bert(folder: Path, max_positions: int) -> Path:
+def write_tagged(path: Path, n: int, seq_len: int, seed: int = 0) -> Path:
+    """CoNLL (word<TAB>tag, IOB2) sentences of filler words, seq_len / 8 to seq_len / 2 words long as
+    write_sentences' are, each holding one to three entities: a person (a first name, sometimes a last), a
+    place, a company (sometimes two words)."""
+    rng = np.random.default_rng(seed)
+    sentences = []
+    for length in rng.integers(max(3, seq_len // 8), seq_len // 2 + 1, size=n):
+        words, tags = [str(w) for w in rng.choice(WORDS[8:], size=length)], ["O"] * length
+        for _ in range(rng.integers(1, 4)):
+            kind, first, rest = ENTITIES[rng.integers(len(ENTITIES))]
+            span = [str(rng.choice(first))] + ([str(rng.choice(rest))] if rest and rng.random() < 0.5 else [])
+            at = int(rng.integers(len(words) + 1))
+            while at < len(tags) and tags[at].startswith("I-"):  # never inside another entity
+                at += 1
+            words[at:at] = span
+            tags[at:at] = [f"B-{kind}"] + [f"I-{kind}"] * (len(span) - 1)
+        sentences.append("".join(f"{w}\t{t}\n" for w, t in zip(words, tags)))
+    path.write_text("\n".join(sentences))
+    return path
+
+
+def write_tiny_bert(folder: Path, max_positions: int, words: list[str] = WORDS) -> Path:
     """A 2-layer, 128-wide BERT (the size of google/bert_uncased_L-2_H-128_A-2) with a WordPiece vocabulary
     of the benchmark's words, saved with save_pretrained: a stand-in when no local BERT is given."""
     import inspect
@@ -186,12 +215,12 @@ def write_tiny_bert(folder: Path, max_positions: int) -> Path:
 
     hf_logging.disable_progress_bar()
     folder.mkdir(parents=True)
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
     # transformers 5 takes vocab=, 4.x vocab_file= (and ignores the other)
     key = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab_file"
     BertTokenizerFast(**{key: str(folder / "vocab.txt")}).save_pretrained(folder)
     torch.manual_seed(0)
-    shape = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+    shape = BertConfig(vocab_size=len(words) + 5, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                        intermediate_size=512, max_position_embeddings=max(512, max_positions))
     BertModel(shape).save_pretrained(folder)
     return folder
@@ -205,20 +234,24 @@ def compose_config(name: str, overrides: list[str]):
         return compose(name, overrides=overrides)
 
 
-def model_and_step(cfg, classes, device):
-    """The configured model and optimizer, and a plain training step: forward, loss, backward, step."""
+def model_and_step(cfg, classes, device, tagged: bool = False):
+    """The configured model and optimizer, and a plain training step: forward, loss, backward, step. tagged:
+    a tag per token (ner), cross-entropy over the labelled sub-tokens (-100 elsewhere), as the recipe's."""
     torch.manual_seed(0)
     model = config.build(cfg.model, classes=classes).to(device).train()
     optimizer = optim.build_optimizer(cfg.optimizer, cfg.param_groups, model, stages.head_name(model))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "16-mixed")
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss()  # its ignore_index is -100: the sub-tokens a tagger does not score
     clip = cfg.trainer.gradient_clip_norm
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def step(batch) -> int:
-        inputs, targets = to_device(batch[0], device), batch[1].to(device, non_blocking=True)
+        inputs, targets = to_device(batch[0], device), to_device(batch[1], device)
+        if tagged:
+            targets = targets["labels"]
         with runtime.autocast(device, cfg.trainer.precision):
-            loss = criterion(model(inputs), targets)
+            logits = model(inputs)
+            loss = criterion(logits.flatten(0, 1), targets.flatten()) if tagged else criterion(logits, targets)
         scaler.scale(loss).backward()
         if clip:
             scaler.unscale_(optimizer)
@@ -237,8 +270,8 @@ def minimal_loop(cfg, args, device, windows: int) -> dict | None:
         return None
     splits = config.build(cfg.dataset)
     loader = make_loader(splits, "train", args.batch_size, LoaderOptions(device))
-    batches = [(to_device(x, device), y.to(device)) for x, y in itertools.islice(loader, 8)]
-    step = model_and_step(cfg, splits.classes, device)
+    batches = [to_device(batch, device) for batch in itertools.islice(loader, 8)]
+    step = model_and_step(cfg, splits.classes, device, tagged=hasattr(splits, "scheme"))
     reset_peak_memory(device)
     return measured(time_windows(step, itertools.cycle(batches), args, device, windows), device)
 
@@ -294,13 +327,16 @@ def recipe(cfg, work: Path, device) -> tuple[dict, Path]:
     return measured(rates, device), run_dir / "checkpoints" / "best"
 
 
-def hf_trainer(cfg, splits, args, device) -> dict | None:
-    """(d) transformers.Trainer as its users run it: the same tokenized examples, DataCollatorWithPadding, the
-    same optimizer settings and schedule. A callback reads the clock at the same steps as (a) and (c)."""
+def hf_trainer(cfg, splits, args, device) -> tuple[dict | None, nn.Module | None]:
+    """(d) transformers.Trainer as its users run it: the same tokenized examples, DataCollatorWithPadding (a
+    tagger: AutoModelForTokenClassification and DataCollatorForTokenClassification), the same optimizer
+    settings and schedule. A callback reads the clock at the same steps as (a) and (c). Also the trained model."""
     try:
         import accelerate  # noqa: F401  (the Trainer refuses to start without it)
         from transformers import (
             AutoModelForSequenceClassification,
+            AutoModelForTokenClassification,
+            DataCollatorForTokenClassification,
             DataCollatorWithPadding,
             Trainer,
             TrainerCallback,
@@ -309,15 +345,18 @@ def hf_trainer(cfg, splits, args, device) -> dict | None:
     except ImportError as e:
         print(f"   (d) skipped: the Hugging Face Trainer needs transformers and accelerate ({e}); "
               'pip install -e ".[dev]"')
-        return None
+        return None, None
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     t, steps = cfg.trainer, args.steps
-    examples = [{**features, "labels": label} for features, label in map(splits.train.__getitem__,
-                                                                           range(len(splits.train)))]
+    tagged = hasattr(splits, "scheme")  # token classification: a tag per word
+    # (features, label) of a text example, (features, labels, first, sentence, window) of a tagged one
+    examples = [{**row[0], "labels": row[1]} for row in map(splits.train.__getitem__, range(len(splits.train)))]
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(cfg.model.name_or_path, num_labels=len(splits.classes))
+    auto, collator = ((AutoModelForTokenClassification, DataCollatorForTokenClassification) if tagged
+                      else (AutoModelForSequenceClassification, DataCollatorWithPadding))
+    model = auto.from_pretrained(cfg.model.name_or_path, num_labels=len(splits.classes))
     total = (args.repeats + 1) * steps  # what the recipe runs: its schedule and (d)'s are the same
     warmup = round(cfg.scheduler.warmup_epochs * math.ceil(len(splits.train) / args.batch_size))
     marks = {args.warmup + k * steps for k in range(args.repeats + 1)}
@@ -337,12 +376,12 @@ def hf_trainer(cfg, splits, args, device) -> dict | None:
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=0, use_cpu=device.type == "cpu",
         bf16=args.precision == "bf16-mixed", fp16=args.precision == "16-mixed")
     trainer = Trainer(model=model, args=settings, train_dataset=examples,
-                      data_collator=DataCollatorWithPadding(splits.collate.tokenizer), callbacks=[Clock()])
+                      data_collator=collator(splits.collate.tokenizer), callbacks=[Clock()])
     reset_peak_memory(device)
     with quiet():
         trainer.train()
     rates = [steps * args.batch_size / (b - a) for a, b in zip(clock, clock[1:])]
-    return measured(rates, device)
+    return measured(rates, device), trainer.model
 
 
 def pipeline_alone(loader, args, device) -> dict:
@@ -369,14 +408,19 @@ def eval_throughput(ckpt: Path, args, device) -> float:
     return statistics.median(rates)
 
 
-def predict_throughput(ckpt: Path, inputs: Path, count: int, args, device) -> float:
+def predict_throughput(ckpt: Path, inputs: Path, count: int, args, device, tagged: bool = False) -> float:
     """items/s of sft-predict over a file or folder of `count` inputs, end to end: checkpoint load,
-    reading and decoding the files, the forward passes, writing the CSV; median of --repeats runs."""
-    from sft_cli.tasks.classification.predict import predict
+    reading and decoding the files, the forward passes, writing the CSV (a tagger: JSONL); median of
+    --repeats runs."""
+    if tagged:
+        from sft_cli.tasks.token_classification.predict import predict
+    else:
+        from sft_cli.tasks.classification.predict import predict
 
     ConfigStore.instance().store(name="_checkpoint_", node=checkpoint.load_config(ckpt))
+    output = ckpt.parents[2] / ("predictions.jsonl" if tagged else "predictions.csv")
     cfg = compose_config("predict", [f"checkpoint={ckpt}", f"input={inputs}", f"trainer.device={device}",
-                                     f"output={ckpt.parents[2] / 'predictions.csv'}", "overwrite=true"])
+                                     f"output={output}", "overwrite=true"])
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -496,7 +540,7 @@ def bench_text(args, device, work: Path) -> dict:
     first_half = minimal_loop(cfg, args, device, math.ceil(args.repeats / 2))  # and the rest after (b) and (c)
     result["b_naive"] = naive_text_loop(cfg, rows, splits.classes, args, device)
     result["c_sft_cli"], ckpt = recipe(cfg, work, device)
-    result["d_hf_trainer"] = hf_trainer(cfg, splits, args, device)
+    result["d_hf_trainer"], _ = hf_trainer(cfg, splits, args, device)
     result["a_minimal"] = bracketing(first_half, minimal_loop(cfg, args, device, args.repeats // 2))
     result["e_pipeline_sft_cli"] = pipeline_alone(
         make_loader(splits, "train", b, LoaderOptions(device)), args, device)
@@ -520,6 +564,63 @@ def bench_text(args, device, work: Path) -> dict:
     return finish(result)
 
 
+def bench_ner(args, device, work: Path) -> dict:
+    b, steps = args.batch_size, args.steps
+    model = args.model or args.bert
+    result = {"task": "ner", "seq_len": args.seq_len, "b_naive": None}
+    if model is None:
+        words = WORDS + [w for _, first, rest in ENTITIES for w in first + rest]
+        model = str(write_tiny_bert(work / "tiny_bert", args.seq_len, words))
+        result["model"] = "a tiny BERT built here (2 layers, 128 wide; no local BERT given)"
+    else:
+        result["model"] = model
+    n_train = ((args.repeats + 1) * steps + 1) * b
+    n_val = validation_size(b, n_train)
+    files = {name: write_tagged(work / f"{name}.conll", n, args.seq_len, seed)
+             for name, n, seed in (("train", n_train, 0), ("val", n_val, 1), ("test", n_val, 2))}
+    overrides = ["+experiment=ner", f"dataset.train_file={files['train']}", f"dataset.val_file={files['val']}",
+                 f"dataset.test_file={files['test']}", f"dataset.max_length={args.seq_len}",
+                 f"model.name_or_path={model}", f"dataset.cache_dir={work / 'token_cache'}",
+                 *common_overrides(args, device)]
+    cfg = compose_config("train", overrides)
+    splits = config.build(cfg.dataset)
+    result["data"] = (f"synthetic tagged sentences (CoNLL, IOB2, PER/LOC/ORG), {len(splits.train)} train / "
+                      f"{len(splits.val)} val / {len(splits.test)} test")
+    first_half = minimal_loop(cfg, args, device, math.ceil(args.repeats / 2))  # and the rest after (c) and (d)
+    result["c_sft_cli"], ckpt = recipe(cfg, work, device)
+    result["d_hf_trainer"], trained = hf_trainer(cfg, splits, args, device)
+    result["a_minimal"] = bracketing(first_half, minimal_loop(cfg, args, device, args.repeats // 2))
+    # the same steps, schedule and val split: (c)'s entity F1 (its validation at the last step) beside (d)'s
+    rows = [json.loads(line) for line in (ckpt.parents[1] / "metrics.jsonl").read_text().splitlines()]
+    result["val_f1_sft_cli"] = [r["f1"] for r in rows if r["split"] == "val"][-1]
+    result["val_f1_hf_trainer"] = tagger_f1(trained, splits, b, device) if trained is not None else None
+    result["eval_samples_per_s"] = eval_throughput(ckpt, args, device)
+    sentences = [" ".join(line.split("\t")[0] for line in block.splitlines())
+                 for block in files["test"].read_text().split("\n\n")][:256]
+    texts = work / "predict_texts.txt"
+    texts.write_text("\n".join(sentences) + "\n")
+    result["predict_samples_per_s"] = predict_throughput(ckpt, texts, len(sentences), args, device, tagged=True)
+    if args.first_step:
+        result["first_step_s"] = first_step(overrides, work)
+    return finish(result)
+
+
+def tagger_f1(model: nn.Module, splits, batch_size: int, device) -> float:
+    """Entity F1 of a transformers token classifier on the val split, scored as the recipe scores its own: the
+    tag at each word's first sub-token, the sentence's windows joined, seqeval strict (the task's span window)."""
+    from sft_cli.tasks.token_classification.metrics import SpanWindow
+
+    window = SpanWindow(splits.classes, splits.scheme, device)
+    model.eval()
+    with torch.inference_mode():
+        for inputs, target in make_loader(splits, "val", batch_size, LoaderOptions(device)):
+            inputs, target = to_device(inputs, device), to_device(target, device)
+            predicted, first = model(**inputs).logits.argmax(-1), target["first"]
+            window.add((torch.zeros((), device=device), first.sum(), torch.where(first, predicted, -1),
+                        torch.where(first, target["labels"], -1), target["sentence"], target["window"]))
+    return window.read()["f1"]
+
+
 def common_overrides(args, device) -> list[str]:
     steps = args.steps
     return [f"trainer.device={device}", f"trainer.batch_size={args.batch_size}", f"trainer.precision={args.precision}",
@@ -528,8 +629,10 @@ def common_overrides(args, device) -> list[str]:
 
 
 def finish(result: dict) -> dict:
-    a, b, c = (result[k]["samples_per_s"] for k in ("a_minimal", "b_naive", "c_sft_cli"))
-    result["c_over_a"], result["c_over_b"] = c / a, c / b
+    a, c = (result[k]["samples_per_s"] for k in ("a_minimal", "c_sft_cli"))
+    result["c_over_a"] = c / a
+    if result.get("b_naive"):  # ner has no naive loop
+        result["c_over_b"] = c / result["b_naive"]["samples_per_s"]
     if result.get("d_hf_trainer"):
         result["c_over_d"] = c / result["d_hf_trainer"]["samples_per_s"]
     for key in [k for k in result if k.startswith("e_pipeline")]:
@@ -545,22 +648,24 @@ def report(r: dict, args, device) -> None:
     memory = "CUDA max allocated" if device.type == "cuda" else "peak RSS"
     print(f"\n== {r['task']}: {r['model']}" + (f", {r['image_size']}x{r['image_size']}" if r["task"] == "vision"
                                               else f", max_length {r['seq_len']}"))
+    around = "half before (b), half after (c)" if r["b_naive"] is not None else "half before (c), half after (d)"
     print(f"   {r['data']}; batch {args.batch_size}; precision {args.precision}; device {device}; "
-          f"{args.warmup} warm-up steps, median of {args.repeats} x {args.steps} steps ((a): half before (b), "
-          "half after (c))")
+          f"{args.warmup} warm-up steps, median of {args.repeats} x {args.steps} steps ((a): {around})")
     print(f"   {'training loop':<64}{'samples/s':>11}{'(windows)':>18}{memory:>20}")
     rows = [("a_minimal", "(a) minimal PyTorch loop, batches already on the device"),
             ("b_naive", "(b) naive: CIFAR10 + per-sample transforms + DataLoader" if r["task"] == "vision"
              else "(b) naive: tokenize + pad to max_length every batch"),
             ("c_sft_cli", f"(c) sft-cli recipe (dataset.pipeline={r['recipe_pipeline']})" if r["task"] == "vision"
              else "(c) sft-cli recipe (tokenized once, padded per batch)")]
-    if r["task"] == "text":
-        rows.append(("d_hf_trainer", "(d) transformers.Trainer + DataCollatorWithPadding"))
+    if r["task"] in ("text", "ner"):
+        rows.append(("d_hf_trainer", "(d) transformers.Trainer + DataCollatorWithPadding" if r["task"] == "text"
+                     else "(d) transformers.Trainer + DataCollatorForTokenClassification"))
     for key, label in [(k, label) for k, label in rows if r[k] is not None]:
         spread = f"({min(r[key]['windows']):.0f}-{max(r[key]['windows']):.0f})"
         print(f"   {label:<64}{r[key]['samples_per_s']:>11.1f}{spread:>18}"
               f"{r[key]['peak_memory_bytes'] / gib:>16.2f} GiB")
-    print(f"   c/a = {r['c_over_a']:.3f} (target >= 0.97)    c/b = {r['c_over_b']:.2f}"
+    print(f"   c/a = {r['c_over_a']:.3f} (target >= 0.97)"
+          + (f"    c/b = {r['c_over_b']:.2f}" if "c_over_b" in r else "")
           + (f"    c/d = {r['c_over_d']:.3f} (target >= 1.0)" if "c_over_d" in r else ""))
     if r["task"] == "text":
         print(f"   tokens/s (real tokens, {r['tokens_per_sample']:.1f} per sample): "
@@ -568,14 +673,19 @@ def report(r: dict, args, device) -> None:
               f"{r['padded_length_max_length']}, (c) {r['c_sft_cli']['tokens_per_s']:.0f} with dynamic padding "
               f"(batches pad to {r['padded_length_dynamic']:.1f} on average)"
               + (f", (d) {r['d_hf_trainer']['tokens_per_s']:.0f}" if r["d_hf_trainer"] else ""))
-    print("   data pipeline alone (model = identity), on the device:")
+    if r["task"] == "ner":
+        print(f"   val entity F1 (seqeval strict) after the same steps and settings: (c) {r['val_f1_sft_cli']:.3f}"
+              + (f", (d) {r['val_f1_hf_trainer']:.3f}" if r["val_f1_hf_trainer"] is not None else ""))
+    if any(k.startswith("e_pipeline") for k in r):
+        print("   data pipeline alone (model = identity), on the device:")
     for key in [k for k in r if k.startswith("e_pipeline")]:
         name = key.removeprefix("e_pipeline_")
         print(f"     {name:<21}{r[key]['samples_per_s']:>11.0f} samples/s = {r[key]['times_a_model_step']:.1f}x "
               f"the samples/s of a {r['model'] if r['task'] == 'vision' else 'model'} step (a)"
               + ("  (target >= 10x)" if name == "fast" else ""))
+    items = {"vision": "images", "text": "texts", "ner": "sentences"}[r["task"]]
     print(f"   sft-eval {r['eval_samples_per_s']:.0f} samples/s; sft-predict {r['predict_samples_per_s']:.0f} "
-          f"{'images' if r['task'] == 'vision' else 'texts'}/s end to end (load, decode, forward, write)")
+          f"{items}/s end to end (load, decode, forward, write)")
     if "first_step_s" in r:
         print(f"   time to the first training step: {r['first_step_s']:.2f} s (sft-train launched -> step 1 logged)")
 
@@ -599,7 +709,7 @@ def main(argv=None) -> dict:
                                               "batch_size": args.batch_size or (128 if task == "vision" else 32),
                                               "first_step": task == tasks[0][0]})
             (work / task).mkdir()
-            bench = bench_vision if task == "vision" else bench_text
+            bench = {"vision": bench_vision, "text": bench_text, "ner": bench_ner}[task]
             results[task] = bench(task_args, device, work / task)
             report(results[task], task_args, device)
     finally:

