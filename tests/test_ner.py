@@ -287,6 +287,9 @@ def test_sft_eval_reports_entity_scores_per_type(ner_run: Path):
     assert report["per_type"] == test["per_type"] and set(report["per_type"]) == {"LOC", "PER"}
     table = result.output[result.output.index("per type"):]
     assert "LOC" in table and "PER" in table and "support" in table
+    page = (ner_run / "ev" / "report.html").read_text()
+    section = page[page.index("Per type (test)"):]
+    assert "<td>LOC</td>" in section and "<td>PER</td>" in section and "<th>support</th>" in section
 
 
 def over_checkpoint(name: str, checkpoint: Path, overrides: list[str]):

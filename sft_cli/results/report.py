@@ -278,6 +278,12 @@ def _figures(plots: list[Path]) -> str:
 
 
 def _class_table(details: dict, split: str) -> str:
+    """Scores per class (a classifier's lists) or per type (a task's `per_type` rows: entity types)."""
+    per_type = details.get("per_type")
+    if isinstance(per_type, dict) and per_type:
+        columns = [c for c in ("precision", "recall", "f1", "support") if c in next(iter(per_type.values()), {})]
+        rows = [[_e(name)] + [_e(_format(scores.get(c))) for c in columns] for name, scores in per_type.items()]
+        return _section(f"Per type ({split})", _table(["type", *columns], rows, set(range(1, len(columns) + 1))))
     classes = details.get("classes")
     columns = [c for c in ("precision", "recall", "f1", "support") if isinstance(details.get(c), list)]
     if not isinstance(classes, list) or not columns:
