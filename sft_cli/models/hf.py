@@ -57,11 +57,24 @@ def hf_classifier(name_or_path: str, classes: list[str], weights: str | None = "
     label2id set from the data. weights=null keeps the architecture and initialises it randomly.
 
     Stages for freezing: the embeddings (stem), each encoder layer, then what sits above (pooler, head)."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except LOAD_ERRORS as e:
+        raise load_failed(name_or_path, "", e) from e
+    model, created = with_new_head(AutoModelForSequenceClassification, name_or_path, classes, weights, "")
+    if tokenizer.pad_token is None and pad_with_eos(tokenizer).pad_token is not None:  # GPT-2 style
+        model.config.pad_token_id = tokenizer.pad_token_id
+    wrapper = TextClassifier(model, tokenizer)
+    wrapper.sft = transformer_parts(wrapper, {f"model.{n}" for n in created}, _base(name_or_path) if weights else None)
+    return wrapper
+
+
+def with_new_head(auto_class, name_or_path: str, classes: list[str], weights: str | None, what: str):
+    """(model, names of the parameters made from scratch): `auto_class` (AutoModelFor...Classification) with a
+    new head for `classes` (num_labels, id2label, label2id), pretrained unless weights is null, in fp32."""
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # its load report and progress bars; new layers are listed by sft-train
@@ -70,22 +83,16 @@ def hf_classifier(name_or_path: str, classes: list[str], weights: str | None = "
               "label2id": {c: i for i, c in enumerate(classes)}}
     try:
         config = AutoConfig.from_pretrained(name_or_path, **labels)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         if weights:
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                name_or_path, config=config, ignore_mismatched_sizes=True, output_loading_info=True)
+            model, info = auto_class.from_pretrained(name_or_path, config=config, ignore_mismatched_sizes=True,
+                                                     output_loading_info=True)
             created = set(info["missing_keys"]) | {k for k, *_ in info.get("mismatched_keys", [])}
         else:
-            model = AutoModelForSequenceClassification.from_config(config)
+            model = auto_class.from_config(config)
             created = {n for n, _ in model.named_parameters()}
     except LOAD_ERRORS as e:
-        raise load_failed(name_or_path, "", e) from e
-    model.float()  # transformers keeps a checkpoint's stored dtype (bf16, fp16): train in fp32, autocast on top
-    if tokenizer.pad_token is None and pad_with_eos(tokenizer).pad_token is not None:  # GPT-2 style
-        model.config.pad_token_id = tokenizer.pad_token_id
-    wrapper = TextClassifier(model, tokenizer)
-    wrapper.sft = transformer_parts(wrapper, {f"model.{n}" for n in created}, _base(name_or_path) if weights else None)
-    return wrapper
+        raise load_failed(name_or_path, what, e) from e
+    return model.float(), created  # a checkpoint's stored dtype (bf16, fp16): train in fp32, autocast on top
 
 
 def _base(name_or_path: str) -> dict:
