@@ -78,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=config.PRECISIONS, default="32")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers of the per-sample pipelines")
+    p.add_argument("--seed", type=int, default=0, help="training seed of (c) and (d) (new head, shuffling): "
+                   "run a few to see the run-to-run noise of the F1s")
     p.add_argument("--json", default=None, help="also write every figure to this file")
     return p.parse_args(argv)
 
@@ -353,7 +355,7 @@ def hf_trainer(cfg, splits, args, device) -> tuple[dict | None, nn.Module | None
     tagged = hasattr(splits, "scheme")  # token classification: a tag per word
     # (features, label) of a text example, (features, labels, first, sentence, window) of a tagged one
     examples = [{**row[0], "labels": row[1]} for row in map(splits.train.__getitem__, range(len(splits.train)))]
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     auto, collator = ((AutoModelForTokenClassification, DataCollatorForTokenClassification) if tagged
                       else (AutoModelForSequenceClassification, DataCollatorWithPadding))
     model = auto.from_pretrained(cfg.model.name_or_path, num_labels=len(splits.classes))
@@ -373,7 +375,7 @@ def hf_trainer(cfg, splits, args, device) -> tuple[dict | None, nn.Module | None
         learning_rate=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, adam_beta1=cfg.optimizer.betas[0],
         adam_beta2=cfg.optimizer.betas[1], lr_scheduler_type="linear", warmup_steps=warmup, max_steps=total,
         max_grad_norm=t.gradient_clip_norm or 0.0, logging_steps=steps, save_strategy="no", eval_strategy="no",
-        report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=0, use_cpu=device.type == "cpu",
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=args.seed, use_cpu=device.type == "cpu",
         bf16=args.precision == "bf16-mixed", fp16=args.precision == "16-mixed")
     trainer = Trainer(model=model, args=settings, train_dataset=examples,
                       data_collator=collator(splits.collate.tokenizer), callbacks=[Clock()])
@@ -625,7 +627,8 @@ def common_overrides(args, device) -> list[str]:
     steps = args.steps
     return [f"trainer.device={device}", f"trainer.batch_size={args.batch_size}", f"trainer.precision={args.precision}",
             "trainer.progress_bar=false", "trainer.max_epochs=1",
-            f"trainer.max_steps={(args.repeats + 1) * steps}", f"trainer.log_every_n_steps={steps}", "name=bench"]
+            f"trainer.max_steps={(args.repeats + 1) * steps}", f"trainer.log_every_n_steps={steps}", "name=bench",
+            f"seed={args.seed}"]
 
 
 def finish(result: dict) -> dict:
@@ -694,7 +697,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = runtime.pick_device(args.device)
     torch.backends.cudnn.benchmark = True  # as the recipe sets it
-    results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    results = {"device": str(device), "seed": args.seed, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "help_startup_s": help_startup(args)}
     print(f"sft-cli benchmark on {device}{' (' + results['gpu'] + ')' if results['gpu'] else ''}, torch "

@@ -4,7 +4,9 @@ WordPiece vocabulary splits names into sub-tokens, sft-train in this process and
 import importlib.util
 import inspect
 import json
+import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_kill_and_resume_is_bitwise, ok, read_json, run_cli
+from grad_probe import max_relative_difference, recorded
 from inprocess import train_here
 
 from sft_cli.errors import SFTError
@@ -24,6 +27,7 @@ PLACES = ["Paris", "Berlin", "Rome"]
 FILLER = ["visited", "met", "in", "on", "Monday", "the", "and", "today", "."]
 # "Merkel" is not a word of the vocabulary: WordPiece splits it into Mer ##ke ##l, three sub-tokens
 PIECES = ["Mer", "##ke", "##l"]
+TESTS = Path(__file__).parent
 WNUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wnut17"
 
 
@@ -354,6 +358,37 @@ def test_a_kill_within_an_epoch_resumes_ner_training_bitwise(tmp_path: Path, ber
     # the span window's predictions made before the kill count in the resumed epoch's train scores
     rows = {run: (tmp_path / run / "metrics.csv").read_text().splitlines()[-1] for run in ("resumed", "straight")}
     assert rows["resumed"].split(",")[:12] == rows["straight"].split(",")[:12]
+
+
+def test_two_ddp_processes_give_the_one_process_gradient_and_val_scores(tmp_path: Path, bert: Path):
+    # 8 sentences of 5 to 9 words: each process's 4 hold different numbers of tagged words, so a mean of the
+    # two processes' means would not be the one-process mean; 5 val sentences: DDP pads one, counted once
+    # (step 1's gradients compared, and the val scores after 6 steps).
+    # Without dropout, whose masks each process draws from its own stream
+    bert = Path(shutil.copytree(bert, tmp_path / "bert-no-dropout"))
+    settings = read_json(bert / "config.json")
+    settings.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    (bert / "config.json").write_text(json.dumps(settings))
+    write_conll(tmp_path / "train.conll", tagged_sentences(8, seed=4))
+    write_conll(tmp_path / "dev.conll", tagged_sentences(5, seed=6))
+    args = ["+experiment=ner", f"dataset.train_file={tmp_path / 'train.conll'}", f"model.name_or_path={bert}",
+            f"dataset.val_file={tmp_path / 'dev.conll'}", f"dataset.cache_dir={tmp_path / 'cache'}",
+            "dataset.max_length=64", "trainer.max_epochs=6", "trainer.batch_size=8", "optimizer.lr=0.5",
+            "trainer.device=cpu", "trainer.progress_bar=false", "trainer.num_workers=0", "report=false",
+            "optimizer=sgd", "optimizer._target_=grad_probe.RecordGrads", "optimizer.momentum=0",
+            "optimizer.nesterov=false", "trainer.gradient_clip_norm=null"]
+    train_here([*args, f"+optimizer.record_to={tmp_path / 'one'}"], tmp_path / "run-one")
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    ok(run_cli("sft-train", *args, f"+optimizer.record_to={tmp_path / 'two'}", "trainer.devices=2",
+               "hydra.run.dir=run-two", cwd=tmp_path, env=env))
+    for rank in (0, 1):
+        assert max_relative_difference(recorded(tmp_path / "two", rank=rank), recorded(tmp_path / "one")) < 1e-6
+    one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["split"] == "val"][-1] for run in ("run-one", "run-two"))
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert one["f1"] > 0.2  # after 6 steps some entities are found: the span counts of both processes are joined
+    for key in ("f1", "precision", "recall", "token_accuracy"):
+        assert two[key] == pytest.approx(one[key], abs=1e-9), key
 
 
 def test_the_exported_folder_gives_sft_predicts_entities_through_a_transformers_pipeline(ner_run: Path):
