@@ -1,16 +1,19 @@
 """Cross-key checks of a composed config: every problem at once, before data or weights load (and before torch
 is imported: these answer in about a second)."""
 
+import dataclasses
+import difflib
 import importlib.util
 import os
 import re
 import sys
 from collections.abc import Iterable
+from functools import cache
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from sft_cli.config import MODES, PRECISIONS, _direction_is_known, mode_of
+from sft_cli.config import MODES, PRECISIONS, TrainerSchema, _direction_is_known, find_config_dir, mode_of
 from sft_cli.errors import SFTError, not_one_of
 
 
@@ -26,6 +29,9 @@ def check(cfg: DictConfig) -> None:
     """Raise one SFTError listing every problem in cfg that can be seen before data or weights load (and
     before torch is imported: these answer in about a second)."""
     require(cfg)
+    problems = unread_key_problems(cfg)
+    if problems:  # a misspelt key explains what else looks wrong: say it alone
+        raise SFTError("invalid config:\n  - " + "\n  - ".join(problems))
     problems = _trainer_problems(cfg.trainer) + _run_problems(cfg)
     from sft_cli.results import (
         loggers,  # torch-free: finds the trackers' packages without importing them
@@ -41,6 +47,46 @@ def check_monitor(cfg: DictConfig, metrics: Iterable[str]) -> None:
     allowed = [f"val/{m}" for m in sorted(metrics)]
     if cfg.trainer.monitor not in allowed:
         raise SFTError(not_one_of("trainer.monitor", cfg.trainer.monitor, allowed))
+
+
+def unread_key_problems(cfg: DictConfig) -> list[str]:
+    """A key that nothing reads, each with the known key it resembles. Hydra's `+` adds any key, and its own
+    hint for a misspelt one is to add it with `+` (+optimiser=adamw, +trainer.max_step=5): such a key would
+    be ignored while the run trains with the default. Groups built from a `_target_` (optimizer, model, ...)
+    are checked when they are built: their keys are the constructor's arguments."""
+    top, nested = _known_keys()
+    problems = [_unknown(key, cfg[key], "", top) for key in cfg if key not in top]
+    for group, known in nested.items():
+        node = cfg.get(group)
+        if isinstance(node, DictConfig):
+            problems += [_unknown(key, node[key], group + ".", known) for key in node if key not in known]
+    return problems
+
+
+def _unknown(key: str, value, prefix: str, known: Iterable[str]) -> str:
+    near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    value = OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
+    hint = f" Did you mean {prefix}{near[0]}={value}?" if near else ""
+    where = f"{prefix.rstrip('.')} has no key {key!r}" if prefix else f"{key!r} is neither a key nor a config group"
+    listed = (f"Known: {', '.join(prefix + k for k in sorted(known))}" if len(known) <= 8 else
+              f"sft-train --cfg job lists every key{' of ' + prefix.rstrip('.') if prefix else ''}")
+    return f"+{prefix}{key}={value}: {where}, so nothing would read it.{hint} {listed}"
+
+
+@cache
+def _known_keys() -> tuple[frozenset, dict[str, frozenset]]:
+    """(top-level keys, {group: its keys}) of the shipped configs: train.yaml's keys and groups, the keys the
+    global overlays (experiments, searches, launchers) set, the trainer schema's fields."""
+    root = Path(find_config_dir())
+    primary = OmegaConf.load(root / "train.yaml")
+    groups = {next(iter(d)) if isinstance(d, dict) else d for d in OmegaConf.to_container(primary.defaults)}
+    top = set(primary) - {"defaults"} | groups | {"hydra"}
+    for path in root.glob("*/*.yaml"):
+        if path.read_text().startswith("# @package _global_"):
+            top |= set(OmegaConf.load(path)) - {"defaults"}
+    nested = {"trainer": frozenset(f.name for f in dataclasses.fields(TrainerSchema)),
+              "param_groups": frozenset(primary.param_groups), "sweep": frozenset(primary.sweep)}
+    return frozenset(top - {"_self_"}), nested
 
 
 def _trainer_problems(t: DictConfig) -> list[str]:

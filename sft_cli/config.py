@@ -1,13 +1,16 @@
 """Where the configs live, the typed trainer schema, and check(cfg): every cross-key problem at once."""
 
+import difflib
+import inspect
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sft_cli import assets  # torch-free
@@ -150,7 +153,25 @@ def build(node: DictConfig, *args, **kwargs):
             cause = cause.__cause__
         if cause is not None:
             raise cause from e
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if (unexpected and unexpected[1] in node) or "takes no arguments" in str(e):
+            key = unexpected[1] if unexpected else next(k for k in node if k != "_target_")
+            raise SFTError(_not_an_argument(node, key)) from e
         raise SFTError(f"could not build <{node.get('_target_')}>: {e}") from e
+
+
+def _not_an_argument(node: DictConfig, key: str) -> str:
+    """`<group>.<key>` is not an argument of the group's `_target_`: the message, with the nearest argument."""
+    target = node.get("_target_")
+    group = node._get_full_key(None) or "the config"
+    try:
+        accepted = [n for n in inspect.signature(get_object(target)).parameters if n not in ("self", "params")]
+    except (ImportError, TypeError, ValueError):  # not importable, or no signature
+        accepted = []
+    near = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+    return (f"{group}.{key}={node.get(key)}: {target} takes no argument {key!r}, so nothing would read it."
+            + (f" Did you mean {group}.{near[0]}?" if near else "")
+            + (f" It takes: {', '.join(accepted)}" if accepted else ""))
 
 
 def differences(old: DictConfig, new: DictConfig, ignore: tuple[str, ...] = ()) -> list[str]:

@@ -28,6 +28,10 @@ def refused(result, *expected: str) -> None:
      ["optimizer.lr='fast' must be a positive number", "trainer.precision='fp16'", "resume='/no/such/run'"]),
     (["trainer.monitor=val/acc"], ["trainer.monitor='val/acc' is not one of: val/accuracy"]),  # train(): the task's
     (["freeze=lower", "freeze.until=layer9"], ["freeze.until='layer9' is not one of: stem, layer1"]),
+    # Hydra's own hint for a misspelt key is to add it with +: a key nothing reads is refused, with the near one
+    (["+optimiser=adamw"], ["'optimiser' is neither a key nor a config group", "Did you mean optimizer=adamw?"]),
+    (["+trainer.max_step=1"], ["trainer has no key 'max_step'", "Did you mean trainer.max_steps=1?"]),
+    (["+optimizer.moment=0.5"], ["torch.optim.SGD takes no argument 'moment'", "Did you mean optimizer.momentum?"]),
 ])
 def test_config_mistakes(tmp_path: Path, overrides, expected):
     refused(run_cli("sft-train", *FAST, *overrides, cwd=tmp_path), *expected)
