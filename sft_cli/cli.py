@@ -33,6 +33,7 @@ _claim = None  # this process's open lock file: closing it (at exit) releases th
 def train_main() -> None:
     """sft-train (and `torchrun ... -m sft_cli.cli`)."""
     argv = sys.argv[1:]
+    _refuse_unquoted(argv)
     _refuse_bare_train(argv)
     _refuse_used_run_dir(argv, "sft-train")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -56,6 +57,7 @@ def _join_torchrun(argv: list[str]) -> None:
 def eval_main() -> None:
     """sft-eval: the checkpoint's own config.yaml is put under the eval options before Hydra composes, so
     any key of the training run can be overridden as `key=value` (dataset.root=..., trainer.device=...)."""
+    _refuse_unquoted(sys.argv[1:])
     _refuse_used_run_dir(sys.argv[1:], "sft-eval")
     _store_checkpoint_config(sys.argv[1:])
     _claim_run_dir(sys.argv[1:])
@@ -64,10 +66,11 @@ def eval_main() -> None:
 
 def predict_main() -> None:
     """sft-predict: like sft-eval, composed over the checkpoint's own config."""
+    sys.argv = [_quote_text(a) for a in sys.argv]
+    _refuse_unquoted(sys.argv[1:])
     _refuse_used_run_dir(sys.argv[1:], "sft-predict")
     _store_checkpoint_config(sys.argv[1:])
     _claim_run_dir(sys.argv[1:])
-    sys.argv = [_quote_text(a) for a in sys.argv]
     _predict()
 
 
@@ -85,8 +88,28 @@ def _quote_text(arg: str) -> str:
     return f"{key}='{value}'"
 
 
+def _refuse_unquoted(argv: list[str]) -> None:
+    """A value Hydra's grammar reads only inside quotes (a path with non-ASCII letters or spaces) is refused
+    with the quoted form to type: Hydra's own lexer error gives no hint."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for arg in (a for a in argv if "=" in a and not a.startswith("-")):
+        key, _, value = arg.partition("=")
+        odd = [c for c in value if not c.isascii()] or [c for c in value if c.isspace()]
+        if not odd or value[:1] in ("'", '"'):
+            continue
+        try:
+            parser.parse_override(arg)
+        except HydraException:  # its lexer's error
+            _fail(SFTError(f"{arg}: Hydra reads {odd[0]!r} only inside quotes. Quote the value: {key}='{value}' "
+                           f"(in a shell, quote it twice: \"{key}='{value}'\")"))
+
+
 def export_main() -> None:
     """sft-export: a transformers checkpoint as a save_pretrained() folder."""
+    _refuse_unquoted(sys.argv[1:])
     _store_checkpoint_config(sys.argv[1:])
     _export()
 

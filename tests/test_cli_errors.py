@@ -70,6 +70,18 @@ def test_missing_checkpoint(tmp_path: Path):
     refused(run_cli("sft-eval", cwd=tmp_path), "checkpoint")
 
 
+def test_a_checkpoint_path_with_non_ascii_letters_works_quoted_and_unquoted_says_how_to_quote(quick_run: Path,
+                                                                                              tmp_path: Path):
+    folder = tmp_path / "modèles 日本"
+    shutil.copytree(quick_run / "checkpoints" / "best", folder)  # best is a link: copy what it points at
+    refused(run_cli("sft-eval", f"checkpoint={folder}", cwd=tmp_path),
+            f"Hydra reads 'è' only inside quotes. Quote the value: checkpoint='{folder}'")
+    result = run_cli("sft-eval", f"checkpoint='{folder}'", "hydra.run.dir=ev", cwd=tmp_path)
+    assert result.returncode == 0 and (tmp_path / "ev" / "eval.json").is_file(), result.output[-2000:]
+    refused(run_cli("sft-predict", f"checkpoint='{folder}'", "text=a digit", cwd=tmp_path),
+            "classifies images, not text: give input=")  # was: AttributeError deep in PIL
+
+
 def digest(folder: Path) -> dict:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}

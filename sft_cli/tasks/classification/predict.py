@@ -35,6 +35,9 @@ def predict(cfg: DictConfig, out_dir: Path) -> list[dict]:
     is_text = model.sft.tokenizer is not None
     pair_field = cfg.dataset.get("text_pair_field") if is_text else None
     if cfg.text is not None:
+        if not is_text:
+            raise SFTError(f"{cfg.checkpoint} classifies images, not text: give input=<an image file or a folder "
+                           "of images> instead of text=")
         if pair_field:
             raise SFTError(f"this checkpoint classifies text pairs ({cfg.dataset.text_field}, {pair_field}): give "
                            "input= a .csv/.tsv/.jsonl file with both fields")
