@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -179,6 +180,28 @@ def test_a_failing_logger_warns_once_and_the_others_go_on(tmp_path, uri, caplog,
     assert "No space left on device" in warnings[0]
     client, run = only_run(uri, "failing")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [10, 20]
+
+
+def test_a_tensorboard_writer_thread_that_fails_prints_no_traceback(tmp_path, caplog, monkeypatch):
+    printed = []  # what threading would print: "Exception in thread Thread-1: Traceback ..."
+    monkeypatch.setattr(threading, "excepthook", printed.append)
+    cfg = OmegaConf.create({"logger": {"tensorboard": {"_target_": "sft_cli.results.loggers.TensorBoard",
+                                                       "log_dir": "tensorboard"}}, "trainer": {"monitor": "val/loss"}})
+    out = loggers.build(cfg.logger, tmp_path, cfg)
+    worker = out.active["tensorboard"].writer._get_file_writer().event_writer._async_writer._worker
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(worker._record_writer, "write", full_disk)  # the writes the thread makes
+    with caplog.at_level(logging.WARNING, logger="sft_cli.loggers"):
+        for record in RECORDS:
+            out.metrics(record)
+            worker.join(timeout=5) if record is RECORDS[0] else None  # the thread has died of it
+        out.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
+    assert printed == []
 
 
 def test_a_broken_tracking_server_warns_once(tmp_path, caplog, monkeypatch):

@@ -135,6 +135,7 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
+        _quiet_writer_threads()
         resume_step = _state(run_dir).get("resume_step")
         # purge_step: points of the copied source history at or after it are hidden (a checkpoint's future)
         self.writer = SummaryWriter(str(Path(run_dir) / log_dir),
@@ -177,6 +178,21 @@ class TensorBoard:
 
     def _write(self, summary) -> None:
         self.writer._get_file_writer().add_summary(summary, self.step)  # what add_scalar itself calls
+
+
+def _quiet_writer_threads() -> None:
+    """Keep threading's traceback of a failed TensorBoard writer thread (a full or vanished disk) off the
+    console: the writer keeps the error and raises it on the next write, where Loggers warns once."""
+    previous = threading.excepthook
+    if getattr(previous, "sft_cli", False):
+        return
+
+    def hook(args) -> None:
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    hook.sft_cli = True
+    threading.excepthook = hook
 
 
 class MLflow:
