@@ -247,6 +247,35 @@ def test_clear_stale_removes_dead_processes_leftovers_and_logs_the_space_freed(t
     assert caplog.text == ""
 
 
+def test_a_run_killed_during_its_first_save_has_its_partial_save_removed_when_named(tmp_path, pids):
+    live, dead = pids
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    fake_step(run / "checkpoints", f".step-00000005.tmp-{dead}", mib=2)  # SIGKILL mid-save: nothing but this
+    with pytest.raises(SFTError, match="stopped during its first save: the unfinished save in .* was removed"):
+        checkpoint.resolve(run)
+    assert list((run / "checkpoints").iterdir()) == []  # it was kept for good before
+    fake_step(run / "checkpoints", f".step-00000005.tmp-{live}")  # a live run's save in progress is left alone
+    with pytest.raises(SFTError, match="holds no checkpoint") as error:
+        checkpoint.resolve(run)
+    assert "first save" not in str(error.value) and (run / "checkpoints" / f".step-00000005.tmp-{live}").is_dir()
+
+
+def test_ctrl_c_during_a_save_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "run" / "checkpoints"
+    save(folder, 10, ["last", "best"], tiny_model())
+    real = checkpoint._write
+
+    def interrupted(tmp, *args):
+        real(tmp, *args)
+        raise KeyboardInterrupt  # after the files, before the rename
+
+    monkeypatch.setattr(checkpoint, "_write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save(folder, 20, ["last", "best"], tiny_model())
+    assert sorted(p.name for p in folder.iterdir()) == ["best", "last", "step-00000010"]
+
+
 def truncate(path: Path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 

@@ -62,6 +62,9 @@ def save(folder: Path, tags: list[str], model: nn.Module, state: dict, config: D
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
         _discard(folder, tmp)
         raise SFTError(_save_failed(folder, name, e)) from e
+    except BaseException:  # Ctrl-C (or a SIGTERM turned into SystemExit) during the save
+        _discard(folder, tmp)
+        raise
     _remove_unreferenced(folder)
     return folder / name
 
@@ -153,17 +156,18 @@ def _remove_unreferenced(folder: Path) -> None:
     clear_stale(folder)
 
 
-def clear_stale(folder: Path) -> None:
+def clear_stale(folder: Path) -> int:
     """Remove the temporary folders and links (.step-*.tmp-<pid>, .last.tmp-<pid>, .best.tmp-<pid>) that
     saves killed midway left in `folder`, once the process that wrote them is gone, and log the space freed.
     Another live process's are kept: it may be writing them. A leftover with this process's own pid is
-    removed, so call this while no save of this process is under way (it writes one save at a time)."""
+    removed, so call this while no save of this process is under way (it writes one save at a time).
+    Returns how many were removed."""
     folder = Path(folder)
     if not folder.is_dir():
-        return
+        return 0
     stale = [p for p in folder.iterdir() if (m := TEMPORARY.fullmatch(p.name)) and not _alive(int(m.group(2)))]
     if not stale:
-        return
+        return 0
     freed = sum(_size(p) for p in stale)
     for path in stale:
         if path.is_symlink() or not path.is_dir():
@@ -172,6 +176,7 @@ def clear_stale(folder: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
     log.info(f"removed {len(stale)} temporary checkpoint file(s) left in {folder} by stopped runs, freeing "
              f"{freed / 2**20:.1f} MiB")
+    return len(stale)
 
 
 def _alive(pid: int) -> bool:
@@ -220,8 +225,12 @@ def _resolve(p: Path, given: str | Path) -> Path:
     for folder in (p.parent if p.is_symlink() else None, p, p / "checkpoints"):
         if folder is not None and (broken := _dangling(folder)):
             raise SFTError(broken)
+    # a run killed during its first save leaves only a temporary folder, which nothing else would ever remove
+    partial = [f for f in (p, p / "checkpoints") if f.is_dir() and clear_stale(f)]
     raise SFTError(f"{given} holds no checkpoint (no {MODEL_FILE}): give a run folder or one of its "
-                   "checkpoints/last, checkpoints/best")
+                   "checkpoints/last, checkpoints/best"
+                   + (f". Its run was stopped during its first save: the unfinished save in {partial[0]} was "
+                      "removed" if partial else ""))
 
 
 def _dangling(folder: Path) -> str | None:
