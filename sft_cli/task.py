@@ -15,7 +15,7 @@ adds Parts.adapter: what may train at all, and the base it needs.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -37,6 +37,7 @@ class Splits:
     train_targets: list[int] | None = None
     collate: Callable | None = None  # the DataLoader's collate_fn (None: torch's default stacking)
     group_lengths: list[int] | None = None  # train lengths: when set, train batches group similar lengths
+    skipped: dict[str, int] = field(default_factory=dict)  # dataset.<file key>: rows left out by skip_bad_rows
 
 
 class Window(Protocol):

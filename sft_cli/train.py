@@ -190,13 +190,15 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                "wall_time_s": round(time.perf_counter() - run.started, 2), "device": str(device),
                "processes": ctx.world_size, "peak_memory_bytes": runtime.peak_memory(device),
                "trainable_params": sum(r[1] for r in counts), "total_params": sum(r[2] for r in counts),
+               "skipped_rows": splits.skipped,  # dataset.skip_bad_rows: rows left out, per file
                "checkpoint": str(best_dir.absolute()), "run_dir": str(run_dir.absolute())}
     if ctx.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.report:
             write_report(run_dir)
         _track_the_end(trackers, summary, run_dir)
-        console.print_key_values("summary", {k: v for k, v in summary.items() if k not in ("test", "run_dir")}
+        console.print_key_values("summary", {k: v for k, v in summary.items() if k not in ("test", "run_dir")
+                                             and v != {}}
                                  | {f"test {k}": v for k, v in (test or {}).items()})
         log.info(f"best checkpoint: {best_dir}   evaluate it with: sft-eval checkpoint={best_dir}")
     distributed.close()

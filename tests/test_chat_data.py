@@ -274,7 +274,7 @@ def test_the_layout_is_detected_per_file_from_the_first_valid_record_and_can_be_
     assert build(tmp_path, tokenizer, records, skip_bad_rows=True, val_file=None, val_size=1) \
         .prompt_format["format"] == "prompt_completion"
     splits = build(tmp_path, tokenizer, records, skip_bad_rows=True, format="alpaca", val_size=1, val_file=None)
-    assert splits.prompt_format["format"] == "alpaca"
+    assert splits.prompt_format["format"] == "alpaca" and splits.skipped == {"dataset.train_file": 1}
     assert splits.train[0]["input_ids"][-3:] == (ids(tok, "Blue.") + [tok.eos_token_id])[-3:]
     # a forced layout the records are not in names the first record and the key it lacks
     with pytest.raises(SFTError, match=r"train\.jsonl:1: the record has no 'messages' among its .*format=messages"):

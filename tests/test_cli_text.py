@@ -16,16 +16,18 @@ from inprocess import train_offline
 
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory) -> Path:
-    """Fine-tune the tiny BERT on 1,000 string-labelled TSV rows with freeze=lower freeze.n=1."""
+    """Fine-tune the tiny BERT on 1,000 string-labelled TSV rows (and one bad row, skipped) with freeze=lower
+    freeze.n=1."""
     cwd = tmp_path_factory.mktemp("text")
     write_tiny_bert(cwd / "tiny-bert")
     with open(cwd / "train.tsv", "w") as f:
-        f.write("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in sentiment_rows(1000, seed=1)))
+        f.write("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in sentiment_rows(1000, seed=1)) + "a row with no label\n")
     with open(cwd / "test.csv", "w", newline="") as f:
         csv.writer(f).writerows([("text", "label"), *sentiment_rows(60, seed=2)])
     train_offline(["+experiment=text_classification", "dataset.train_file=train.tsv",
                    f"model.name_or_path={cwd / 'tiny-bert'}", "freeze=lower", "freeze.n=1", "optimizer.lr=1e-3",
-                   "trainer.max_epochs=5", "trainer.batch_size=16", "trainer.progress_bar=false"], "run", cwd=cwd)
+                   "trainer.max_epochs=5", "trainer.batch_size=16", "trainer.progress_bar=false",
+                   "dataset.skip_bad_rows=true"], "run", cwd=cwd)
     return cwd
 
 
@@ -44,6 +46,7 @@ def test_a_kill_within_an_epoch_resumes_text_training_bitwise(tmp_path: Path):
 def test_a_tiny_bert_learns_a_separable_labelling_with_string_labels(text_run: Path):
     summary = read_json(text_run / "run" / "summary.json")
     assert summary["best_value"] > 0.9, summary  # two classes: chance is 0.5
+    assert summary["skipped_rows"] == {"dataset.train_file": 1}  # dataset.skip_bad_rows=true
     assert read_json(text_run / "run" / "checkpoints" / "best" / "meta.json")["classes"] == ["neg", "pos"]
 
 

@@ -194,6 +194,7 @@ def test_skip_bad_rows_skips_and_counts_bad_sentences(tmp_path: Path, bert: Path
     splits = read(tmp_path, bert, train, val_file=str(train), skip_bad_rows=True)
     assert len(splits.train) == 2  # the one-column, the non-UTF-8 and the IOB1 sentence are skipped
     assert "skipped 2 bad sentence(s)" in caplog.text and "skipped 1 sentence(s) not in the tag scheme" in caplog.text
+    assert splits.skipped == {"dataset.train_file": 3, "dataset.val_file": 3}  # sft-train puts it in summary.json
 
 
 @pytest.mark.slow

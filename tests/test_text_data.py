@@ -146,6 +146,7 @@ def test_skip_bad_rows_skips_counts_and_warns_once_per_file(tmp_path, tokenizer,
     assert len(warnings) == 2
     assert "train.tsv: skipped 2 bad row(s)" in warnings[0] and "train.tsv:5, has no text" in warnings[0]
     assert "val.tsv: skipped 2 bad row(s)" in warnings[1] and "val.tsv:3, has the label" in warnings[1]
+    assert splits.skipped == {"dataset.train_file": 2, "dataset.val_file": 2}  # sft-train puts it in summary.json
 
 
 def test_an_unknown_label_in_a_val_file_names_the_file_line_and_classes(tmp_path, tokenizer):

@@ -189,6 +189,7 @@ def summary_rows(summary: dict) -> list[tuple[str, object]]:
     rows += [(f"test {k}", v) for k, v in test.items()]
     rows += [(k, summary.get(k)) for k in ("wall_time_s", "device", "trainable_params", "total_params",
                                            "checkpoint", "reused_from") if summary.get(k) is not None]
+    rows += [(f"skipped rows ({key})", n) for key, n in (summary.get("skipped_rows") or {}).items()]
     return rows
 
 

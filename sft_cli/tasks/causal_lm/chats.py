@@ -119,12 +119,14 @@ def chat_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
         tok.chat_template = prompt_format["chat_template"]
     how = Tokenizing(tok, prompt_format, max_length, train_on_prompt, skip_bad_rows, TokenCache(cache_dir))
 
-    train_path, _, train_rows, skipped = files["train_file"]
+    train_path, _, train_rows, bad = files["train_file"]
     train, kept, counts = _tokenized(train_path, train_rows, how)
-    counts["skipped_rows"] += skipped
+    counts["skipped_rows"] += bad  # rows that could not be read, then those that could not be tokenized
+    skipped = {"dataset.train_file": counts["skipped_rows"]}
     if "val_file" in files:
-        path, _, rows, _ = files["val_file"]
-        val, val_kept, _ = _tokenized(path, rows, how)
+        path, _, rows, bad = files["val_file"]
+        val, val_kept, val_counts = _tokenized(path, rows, how)
+        skipped["dataset.val_file"] = bad + val_counts["skipped_rows"]
         val_rows = [rows[i] for i in val_kept]
     else:
         keep, held_out = stratified_split([0] * len(train), val_size, split_seed)  # one class: a random slice
@@ -136,12 +138,14 @@ def chat_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
     if same:
         test = val  # one file: the recipe then evaluates it once (train.test_best)
     elif "test_file" in files:
-        path, _, rows, _ = files["test_file"]
-        test = _tokenized(path, rows, how)[0]
+        path, _, rows, bad = files["test_file"]
+        test, _, test_counts = _tokenized(path, rows, how)
+        skipped["dataset.test_file"] = bad + test_counts["skipped_rows"]
     samples = [_prompt_and_response(row[1], fmt) for row in val_rows[:4]]
     counts["examples"] = len(train)
     return ChatSplits(train, val, test, [], [], CausalCollate(tok.pad_token_id),
                       [len(ids) for ids in train.input_ids] if group_by_length else None,
+                      {key: n for key, n in skipped.items() if n},
                       tokenizer=tok, prompt_format=prompt_format,
                       sample_prompts=[_render(tok, prompt_format, fmt, p) for p, _ in samples],
                       sample_references=[r for _, r in samples], counts=counts)

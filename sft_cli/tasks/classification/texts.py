@@ -59,11 +59,12 @@ def text_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
     """Your labelled text files: the class list comes from `train_file`; validation is `val_file` or a
     stratified `val_size` carved from train; every text is tokenized once (cached), truncated, unpadded."""
     fields = (text_field, text_pair_field, label_field)
-    train_path, train_rows = _read(train_file, "dataset.train_file", fields, skip_bad_rows)
+    skipped: dict[str, int] = {}
+    train_path, train_rows = _read(train_file, "dataset.train_file", fields, skip_bad_rows, skipped)
     classes = _classes([label for *_, label in train_rows], train_path)
     index = {name: i for i, name in enumerate(classes)}
     # every file is checked before the (slower) tokenizer load and tokenization
-    others = {key: _read(file, f"dataset.{key}", fields, skip_bad_rows, index)
+    others = {key: _read(file, f"dataset.{key}", fields, skip_bad_rows, skipped, index)
               for key, file in (("val_file", val_file), ("test_file", test_file)) if file}
     tok = load_tokenizer(tokenizer)
     cache = TokenCache(cache_dir)
@@ -81,11 +82,13 @@ def text_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
         others["val_file"][0].resolve() == others["test_file"][0].resolve()
     test = val if same else tokenized(*others["test_file"]) if "test_file" in others else None  # same: one pass
     lengths = [len(ids) for ids in train.features["input_ids"]] if group_by_length else None
-    return Splits(train, val, test, classes, list(train.labels), PadCollate(tok), lengths)
+    return Splits(train, val, test, classes, list(train.labels), PadCollate(tok), lengths, skipped)
 
 
-def _read(file: str, key: str, fields: tuple, skip: bool, known: dict[str, int] | None = None) -> tuple[Path, list]:
-    """(path, rows) with rows (line, text, pair, label name); bad rows raise, or are skipped and counted."""
+def _read(file: str, key: str, fields: tuple, skip: bool, skipped: dict[str, int],
+          known: dict[str, int] | None = None) -> tuple[Path, list]:
+    """(path, rows) with rows (line, text, pair, label name); bad rows raise, or are skipped and counted in
+    skipped[key]."""
     path = existing_file(file, key)
     suffix = path.suffix.lower()
     if suffix not in (*DELIMITERS, ".jsonl"):
@@ -97,6 +100,8 @@ def _read(file: str, key: str, fields: tuple, skip: bool, known: dict[str, int] 
         return problem, row and (int(where.rpartition(":")[2]), *row)
 
     rows, bad = read_rows(file, key, ((f"{path}:{line}", record) for line, record in records), parse, skip)
+    if bad:
+        skipped[key] = bad
     if not rows:
         why = f"all {bad} rows are bad (skipped)" if bad else "it is empty or only a header"
         raise SFTError(f"{key}={file} holds no examples: {why}. Give a file with one text and label per row.")

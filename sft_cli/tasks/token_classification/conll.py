@@ -115,14 +115,16 @@ def conll_files(train_file: str, tokenizer: str, val_file: str | None = None, te
     if format not in FORMATS:
         raise SFTError(f"dataset.format={format!r} is not one of: {', '.join(FORMATS)}")
     fields = (tokens_field, tags_field)
-    train_path, train_rows = read_sentences(train_file, "dataset.train_file", format, fields, skip_bad_rows)
+    skipped: dict[str, int] = {}
+    train_path, train_rows = read_sentences(train_file, "dataset.train_file", format, fields, skip_bad_rows,
+                                            skipped=skipped)
     tags = sorted({t for s in train_rows for t in s.tags})
-    scheme, train_rows = _scheme(train_path, train_rows, None, skip_bad_rows)
+    scheme, train_rows = _scheme(train_path, train_rows, None, skip_bad_rows, skipped, "dataset.train_file")
     others = {}
     for key, file in (("val_file", val_file), ("test_file", test_file)):
         if file:  # every file is checked before the (slower) tokenizer load and tokenization
-            path, rows = read_sentences(file, f"dataset.{key}", format, fields, skip_bad_rows, set(tags))
-            others[key] = (path, _scheme(path, rows, scheme, skip_bad_rows)[1])
+            path, rows = read_sentences(file, f"dataset.{key}", format, fields, skip_bad_rows, set(tags), skipped)
+            others[key] = (path, _scheme(path, rows, scheme, skip_bad_rows, skipped, f"dataset.{key}")[1])
     tok = tagging_tokenizer(tokenizer)
     if max_length > tok.model_max_length:
         log.info(f"dataset.max_length={max_length} is above the tokenizer's {tok.model_max_length}: windows of "
@@ -141,20 +143,23 @@ def conll_files(train_file: str, tokenizer: str, val_file: str | None = None, te
     longest = max(len(ids) for split in (train, val, test) if split is not None
                   for ids in split.columns["input_ids"])
     lengths = [len(ids) for ids in train.columns["input_ids"]] if group_by_length else None
-    return TaggedSplits(train, val, test, tags, None, TagCollate(tok), lengths, scheme=scheme, longest=longest)
+    return TaggedSplits(train, val, test, tags, None, TagCollate(tok), lengths, skipped, scheme=scheme,
+                        longest=longest)
 
 
 # ---- reading and checking sentences ----------------------------------------------------------------------
 
 
 def read_sentences(file: str, key: str, format: str, fields: tuple[str, str], skip: bool,
-                   known: set[str] | None = None) -> tuple[Path, list[Sentence]]:
+                   known: set[str] | None = None, skipped: dict[str, int] | None = None) -> tuple[Path, list[Sentence]]:
     """(path, sentences) of dataset.<key>; a bad line or record stops the run with its path:line, or with
-    `skip` its sentence is skipped and counted. `known`: the training file's tags (val/test)."""
+    `skip` its sentence is skipped and counted (in skipped[key]). `known`: the training file's tags (val/test)."""
     path = existing_file(file, key)
     fmt = format if format != "auto" else "jsonl" if path.suffix.lower() in (".jsonl", ".json") else "conll"
     records = _conll(path) if fmt == "conll" else _jsonl(path, fields)
     rows, bad = read_rows(file, key, _checked(records, known), lambda where, s: (None, s), skip, what="sentence")
+    if bad and skipped is not None:
+        skipped[key] = bad
     if not rows:
         why = f"all {bad} sentences are bad (skipped)" if bad else "it is empty"
         layout = (f'one JSON object a line, {{"{fields[0]}": [...], "{fields[1]}": [...]}}' if fmt == "jsonl"
@@ -235,7 +240,8 @@ def _checked(records, known: set[str] | None):
             yield where, sentence
 
 
-def _scheme(path: Path, rows: list[Sentence], expected: str | None, skip: bool) -> tuple[str, list[Sentence]]:
+def _scheme(path: Path, rows: list[Sentence], expected: str | None, skip: bool, skipped: dict[str, int],
+            key: str) -> tuple[str, list[Sentence]]:
     """(scheme, sentences) of one file: the tag scheme its sentences write (IOB2 when they say nothing, e.g.
     only O tags). Sentences that write two schemes, or another than `expected` (the training file's), stop the
     run with their path:line, or with `skip` are skipped and counted (the scheme most sentences write wins)."""
@@ -254,6 +260,7 @@ def _scheme(path: Path, rows: list[Sentence], expected: str | None, skip: bool) 
         raise SFTError(f"{first[other][0]}: the tag {first[other][1]!r} is {SHOWN[other]}, but {said}. One tag "
                        f"scheme per dataset: convert the file, or skip the sentences in another scheme. {SKIP_HINT}")
     kept = [s for s, f in zip(rows, found) if set(f) <= {scheme}]
+    skipped[key] = skipped.get(key, 0) + len(rows) - len(kept)
     log.warning(f"{path}: skipped {len(rows) - len(kept)} sentence(s) not in the tag scheme {scheme} "
                 f"(dataset.skip_bad_rows=true); the first, {first[others[0]][0]}")
     return scheme, kept
