@@ -2,6 +2,7 @@
 assistant turn, the end-of-turn/EOS included), layouts, templates, truncation, bad rows, prompts for prediction."""
 
 import inspect
+import io
 import json
 import pickle
 from pathlib import Path
@@ -358,6 +359,33 @@ def test_tokenized_files_are_cached(tmp_path, tokenizer, cache):
     assert len(list(cache.glob("chat-*.pt"))) == 2
     chat_files(train, tokenizer, val_file=val, train_on_prompt=True)  # other labels: tokenized again
     assert len(list(cache.glob("chat-*.pt"))) == 4
+
+
+@pytest.mark.parametrize("damage", ["not a torch file", "cut in half", "a byte changed in a tensor"])
+def test_a_damaged_cache_entry_is_tokenized_again_with_a_warning(tmp_path, tokenizer, cache, caplog, damage):
+    train = jsonl(tmp_path / "train.jsonl", [chat((USER, "Hi there"), (ASSISTANT, f"Blue {i}.")) for i in range(30)])
+    val = jsonl(tmp_path / "val.jsonl", [chat((USER, "Hi there"), (ASSISTANT, "Blue."))])
+    first = chat_files(train, tokenizer, val_file=val)
+    entry = max(cache.glob("chat-*.pt"), key=lambda p: p.stat().st_size)  # train's
+    data = entry.read_bytes()
+    if damage == "not a torch file":
+        data = b"Invalid magic number" * 10
+    elif damage == "cut in half":
+        data = data[:len(data) // 2]
+    else:  # the labels' ids are stored as int64: a high byte flipped in the data region, which torch reads without error
+        stored = torch.load(io.BytesIO(data), weights_only=True)
+        value = stored["labels"]["flat"].numpy().tobytes()
+        at = data.index(value) + len(value) - 1
+        data = data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1:]
+    entry.write_bytes(data)
+    with caplog.at_level("WARNING"):
+        again = chat_files(train, tokenizer, val_file=val)
+    assert again.train.input_ids == first.train.input_ids and again.train.labels == first.train.labels
+    assert f"the token cache entry {entry} is unreadable" in caplog.text and "tokenizing again" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        chat_files(train, tokenizer, val_file=val)  # the entry was written anew
+    assert "unreadable" not in caplog.text
 
 
 # ---- prompts for prediction ------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import os
-import pickle
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from sft_cli.errors import SFTError
 from sft_cli.models.hf import pad_with_eos
 
 log = logging.getLogger(__name__)
+DIGEST = "sha256"  # the key of an entry's checksum (_digest)
 
 
 def load_tokenizer(name_or_path: str, **options):
@@ -55,12 +55,21 @@ class TokenCache:
         return self.folder / f"{prefix}{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]}.pt"
 
     def load(self, file: Path) -> dict | None:
-        """The saved entry, or None when it is absent or unreadable (then the caller tokenizes again)."""
+        """The saved entry, or None when there is none (then the caller tokenizes again and saves it). An entry
+        that cannot be read whole (a file cut short or damaged on disk) is a warning, never an error: the caller
+        tokenizes again and the new entry replaces it."""
+        if not file.is_file():
+            return None
         try:
             saved = torch.load(file, weights_only=True)
+            digest = saved.pop(DIGEST, None)
+            if digest != _digest(saved):
+                raise ValueError("its contents do not match their checksum" if digest else "it has no checksum (an older sft-cli wrote it)")
             return {k: _unflatten(v) if isinstance(v, dict) and v.keys() == {"flat", "lengths"} else v
                     for k, v in saved.items()}
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, AttributeError):
+        except Exception as e:  # torch, its zip reader and pickle report a damaged file in many ways
+            log.warning(f"the token cache entry {file} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
+                        "tokenizing again, and the new entry replaces it")
             return None
 
     def save(self, file: Path, entry: dict, source: Path) -> None:
@@ -69,13 +78,28 @@ class TokenCache:
         Python ints takes longer than tokenizing them again."""
         flat = {k: _flatten(v) if _is_sequences(v) else v for k, v in entry.items()}
         buffer = io.BytesIO()
-        torch.save(flat, buffer)
+        torch.save({**flat, DIGEST: _digest(flat)}, buffer)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             write_atomic(file, buffer.getvalue())  # a crash mid-write never leaves a truncated cache file
         except OSError as e:
             log.warning(f"could not cache the tokenized {source} in {self.folder} ({e}); set dataset.cache_dir or "
                         "SFT_CLI_CACHE to a writable folder")
+
+
+def _digest(flat: dict) -> str:
+    """A SHA-256 of an entry's contents (its tensors' bytes, its other values as JSON): a byte changed on disk
+    inside a tensor is read without an error by torch.load, but not past this."""
+    digest = hashlib.sha256()
+    for key in sorted(flat):
+        value = flat[key]
+        digest.update(key.encode())
+        if isinstance(value, dict) and value.keys() == {"flat", "lengths"}:
+            for tensor in (value["flat"], value["lengths"]):
+                digest.update(tensor.contiguous().numpy())
+        else:
+            digest.update(json.dumps(value, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def _is_sequences(value) -> bool:
