@@ -74,6 +74,53 @@ class TrainerSchema:
 
 
 ConfigStore.instance().store(group="trainer", name="schema", node=TrainerSchema)
+
+
+@dataclass
+class EvalSchema:
+    """Types for sft-eval's own options (configs/eval.yaml holds the values)."""
+
+    checkpoint: str = MISSING
+    split: str = MISSING
+
+
+@dataclass
+class PredictSchema:
+    """Types for sft-predict's own options (configs/predict.yaml holds the values): max_new_tokens=abc is a
+    keyed error as Hydra composes, before the checkpoint's model loads."""
+
+    checkpoint: str = MISSING
+    text: Optional[str] = MISSING
+    prompt: Optional[str] = MISSING
+    input: Optional[str] = MISSING
+    output: Optional[str] = MISSING
+    overwrite: bool = MISSING
+    top_k: int = MISSING
+    batch_size: int = MISSING
+    max_new_tokens: int = MISSING
+    temperature: float = MISSING
+    top_p: float = MISSING
+
+
+@dataclass
+class ExportSchema:
+    """Types for sft-export's own options (configs/export.yaml holds the values)."""
+
+    checkpoint: str = MISSING
+    output: str = MISSING
+    merge: bool = MISSING
+
+
+def _open_schema(schema) -> DictConfig:
+    # A command's schema types its own keys only: the checkpoint's config.yaml (dataset, model, trainer, ...) is
+    # merged beside them, which a closed (struct) structured config would refuse.
+    node = OmegaConf.structured(schema)
+    OmegaConf.set_struct(node, False)
+    return node
+
+
+for _name, _schema in (("eval_schema", EvalSchema), ("predict_schema", PredictSchema), ("export_schema", ExportSchema)):
+    ConfigStore.instance().store(name=_name, node=_open_schema(_schema))
 # Run folders are named <time>_<pid> so two runs started in the same second never share one. Cached like
 # ${now:}, so that the runs of a sweep in other processes (hydra/launcher=joblib) share the sweep's folder.
 OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), replace=True, use_cache=True)

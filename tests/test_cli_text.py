@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from conftest import assert_kill_and_resume_is_bitwise, ok, read_json, run_cli
 from fixtures import sentiment_rows, write_tiny_bert
 from inprocess import train_offline
+from test_cli_errors import refused
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +100,19 @@ def test_export_loads_in_plain_transformers_with_the_label_names(text_run: Path)
         refused = run_cli("sft-export", "checkpoint=run/checkpoints/best", f"output={inside}", cwd=text_run)
         assert refused.returncode == 1 and "lies inside the run folder" in refused.output, refused.output[-800:]
     assert sorted(p.relative_to(text_run) for p in (text_run / "run").rglob("*")) == before
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["batch_size=0"], ["batch_size=0 must be at least 1"]),
+    (["batch_size=many"], ["'many'", "could not be converted to Integer", "full_key: batch_size"]),
+    (["output=/proc/no/such/predictions.csv"],
+     ["output=/proc/no/such/predictions.csv cannot be written", "choose a path in a folder you can write to"]),
+])
+def test_predict_option_mistakes_are_one_message_naming_the_key(text_run: Path, args, expected):
+    refused(run_cli("sft-predict", "checkpoint=run", "text=great film", *args, cwd=text_run), *expected)
+
+
+def test_export_options_are_typed(text_run: Path):
+    refused(run_cli("sft-export", "checkpoint=run", "output=out", "merge=maybe", cwd=text_run),
+            "'maybe'", "is not a valid bool", "full_key: merge")
+    assert not (text_run / "out").exists()
