@@ -1,8 +1,12 @@
 """Writing files that other processes read: whole or not at all, and under a lock where two processes may race."""
 
 import contextlib
+import errno
 import os
+import tempfile
 from pathlib import Path
+
+from sft_cli.errors import SFTError
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -21,6 +25,35 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         with contextlib.suppress(OSError):  # the disk that failed the write may fail this too
             temporary.unlink(missing_ok=True)
         raise
+
+
+def cannot_write(path: Path) -> str | None:
+    """Why no file can be written at `path` (its folder is a file, or cannot be made or written to), else None.
+    Checked before a command does its work, by making and removing a temporary folder where the first missing
+    folder of the path would go (a permission check alone says nothing under /proc or on a read-only disk)."""
+    existing = Path(path).absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as e:
+        return f"nothing can be created in {existing}: {e.strerror or e}"
+    return None
+
+
+def write_output(key: str, path: Path, text: str) -> None:
+    """A command's output file (`key`=path, e.g. output=answers.jsonl) written whole, its folders made; an OSError
+    is an SFTError that names it and what to do (a full disk: free space), and leaves no partial file."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, text)
+    except OSError as e:
+        fix = "free some space on that disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) else \
+            "choose a path in a folder you can write to"
+        raise SFTError(f"{key}={path} could not be written ({e.strerror or e}): {fix}, then run again.") from e
 
 
 def lock(path: Path, wait: bool = True):

@@ -232,6 +232,32 @@ def test_a_template_file_is_used_and_one_that_is_not_prefix_consistent_is_an_err
         build(tmp_path, tokenizer, records, chat_template=str(tmp_path / "missing.jinja"))
 
 
+def test_a_template_that_is_invalid_jinja_or_never_writes_the_answer_is_named(tmp_path, tokenizer):
+    records = [chat((USER, "Hi there"), (ASSISTANT, "Hello friend.")), chat((USER, "Name a colour."), (ASSISTANT, "Blue."))]
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m['content'] }{% endfor %}")  # one brace short
+    with pytest.raises(SFTError, match=r"dataset.chat_template: the chat template file .*broken\.jinja is not a valid "
+                                       r"Jinja template \(unexpected '}', at line 1\)") as error:
+        build(tmp_path, tokenizer, records, chat_template=str(broken))
+    assert "skip_bad_rows" not in str(error.value)  # no row is at fault
+    silent = tmp_path / "silent.jinja"  # drops the assistant's turns: nothing is left to learn
+    silent.write_text("{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['role'] }}: {{ m['content'] }}\n"
+                      "{% endif %}{% endfor %}")
+    with pytest.raises(SFTError, match=r"train\.jsonl: no example has a response token to learn: the chat template "
+                                       r"file .*silent\.jinja never renders the assistant's content"):
+        build(tmp_path, tokenizer, records, chat_template=str(silent))
+
+
+def test_a_tokenizer_without_eos_or_template_is_named_with_what_to_set(tmp_path):
+    folder = tmp_path / "no-eos"
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "Hi": 1, "there": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(folder)
+    with pytest.raises(SFTError, match=rf"the tokenizer of {folder} has no eos_token and no chat template: .*Set "
+                                       r"\"eos_token\" in its tokenizer_config.json"):
+        build(tmp_path, str(folder), [chat((USER, "Hi there"), (ASSISTANT, "there"))])
+
+
 def test_a_tokenizer_that_adds_bos_gets_it_once_in_every_layout_and_in_rendered_prompts(tmp_path):
     folder = build_tokenizer(tmp_path / "tok", chat_tokens=True, chat_template=None, bos=True)
     own = tmp_path / "own.jinja"  # a template that writes BOS itself (Llama 3, Gemma)

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_kill_and_resume_is_bitwise, ok, read_json, run_cli
-from fixtures import CODES, chat_rows, write_tiny_llama
+from fixtures import CODES, chat_rows, write_tiny_bert, write_tiny_llama
 from inprocess import train_offline
+from test_cli_errors import refused
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -74,6 +75,17 @@ def test_predict_answers_one_prompt_and_a_file_the_same_way(chat_run: Path):
     assert refused.returncode == 1 and "overwrite=true" in refused.output
 
 
+@pytest.mark.parametrize("option, expected", [
+    ("max_new_tokens=abc", ["'abc'", "could not be converted to Integer", "full_key: max_new_tokens"]),
+    ("temperature=hot", ["'hot'", "could not be converted to Float", "full_key: temperature"]),
+    ("top_p=most", ["'most'", "could not be converted to Float", "full_key: top_p"]),
+    ("output=/proc/no/such/answers.jsonl",
+     ["output=/proc/no/such/answers.jsonl cannot be written", "choose a path in a folder you can write to"]),
+])
+def test_predict_option_mistakes_are_one_message_naming_the_key(chat_run: Path, option, expected):
+    refused(run_cli("sft-predict", "checkpoint=run", "prompt=colour of sky", option, cwd=chat_run), *expected)
+
+
 def test_export_loads_and_generates_in_plain_transformers(chat_run: Path):
     ok(run_cli("sft-export", "checkpoint=run/checkpoints/best", "output=exported", cwd=chat_run))
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -105,3 +117,9 @@ def test_chat_mistakes_name_the_key(tmp_path: Path):
     result = run_cli("sft-train", "+experiment=quickstart", "task=causal_lm", "trainer.monitor=val/loss",
                      cwd=tmp_path)
     assert result.returncode == 1 and "dataset=chat_files" in result.output and "Traceback" not in result.output
+    write_tiny_bert(tmp_path / "tiny-bert")  # a BERT folder is not blamed for lacking an EOS token
+    write_jsonl(tmp_path / "chats.jsonl", chat_rows(20))
+    refused(run_cli("sft-train", "+experiment=chat_sft", "dataset.train_file=chats.jsonl",
+                    f"model.name_or_path={tmp_path / 'tiny-bert'}", cwd=tmp_path),
+            f"model.name_or_path={tmp_path / 'tiny-bert'} holds a bert model (BertModel), which is not a causal "
+            "language model", "+experiment=text_classification")

@@ -185,3 +185,33 @@ def test_predict_keeps_an_existing_output_unless_overwrite(tmp_path, loaded):
     assert loaded == [] and out.read_text() == "earlier answers\n"
     gen.predict(predict_cfg(tmp_path, prompt="hello", output=str(out), overwrite=True), tmp_path)
     assert json.loads(out.read_text())["prompt"] == "hello"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """tests/fixtures.py's tiny Llama: ChatML, and no BOS (an empty prompt/completion prompt is no token)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fixtures import write_tiny_llama
+
+    folder = write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("fmt", ["messages", "prompt_completion"])
+def test_an_empty_prompt_is_an_empty_user_turn_or_refused_when_it_renders_to_no_token(tmp_path, monkeypatch,
+                                                                                        tiny_llama, fmt):
+    from fixtures import CHATML
+
+    model, tokenizer = tiny_llama
+    prompt_format = {"format": fmt, "fields": {}, "chat_template": CHATML, "prompt_template": "{prompt}"}
+    task = types.SimpleNamespace(info=lambda: {"prompt_format": prompt_format})
+    monkeypatch.setattr(checkpoint, "resolve", lambda path: path)
+    monkeypatch.setattr(restore, "load_model",
+                        lambda cfg, ckpt, device: (task, types.SimpleNamespace(model=model, tokenizer=tokenizer)))
+    if fmt == "messages":  # an empty user turn is a valid chat: answered
+        rows = gen.predict(predict_cfg(tmp_path, prompt=""), tmp_path)
+        assert rows[0]["prompt"] == "" and rows[0]["rendered"] == "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"
+    else:
+        with pytest.raises(SFTError, match=r"the prompt '' is rendered .* as no token at all.*give a prompt with"):
+            gen.predict(predict_cfg(tmp_path, prompt=""), tmp_path)

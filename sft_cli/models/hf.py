@@ -27,6 +27,29 @@ def load_failed(name_or_path: str, what: str, error: Exception) -> SFTError:
                     "access so the hub files are cached.")
 
 
+def not_a_causal_lm(name_or_path: str) -> str | None:
+    """Why the local transformers folder `name_or_path` holds no causal LM (a BERT classifier or encoder), from
+    its config.json alone; None when it holds one, or when there is no such file to read (a hub name)."""
+    import json
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        found = json.loads((Path(name_or_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # a hub name, or a folder from_pretrained reports itself
+    kind, architectures = found.get("model_type"), found.get("architectures") or []
+    # BERT-like encoders have an LM-head class too, used only as a decoder (is_decoder=true) of an encoder-decoder
+    causal = kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (found.get("is_decoder") or not architectures or any(
+        a.endswith(("CausalLM", "LMHeadModel", "ConditionalGeneration")) for a in architectures))
+    if causal:
+        return None
+    return (f"model.name_or_path={name_or_path} holds a {kind} model ({', '.join(architectures) or 'no architecture'}),"
+            " which is not a causal language model: task=causal_lm (+experiment=chat_sft) fine-tunes a model that "
+            "generates text (Llama, Qwen, SmolLM, GPT-2: transformers' AutoModelForCausalLM). Point "
+            "model.name_or_path at one, or fine-tune this model as a classifier (+experiment=text_classification).")
+
+
 def pad_with_eos(tokenizer):
     """The tokenizer, padding with its end-of-sequence token if it has no pad token (GPT-2 style, most causal
     LMs)."""
@@ -184,6 +207,8 @@ def hf_causal_lm(name_or_path: str, weights: str | None = "pretrained", gradient
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    if problem := not_a_causal_lm(name_or_path):
+        raise SFTError(problem)
     torch_dtype = weight_dtype(dtype, precision, device)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

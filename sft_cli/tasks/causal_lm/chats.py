@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 from hydra.utils import to_absolute_path
-from jinja2 import TemplateError
+from jinja2 import TemplateError, TemplateSyntaxError
 from torch.utils.data import Dataset
 
 from sft_cli.errors import SFTError, not_one_of
+from sft_cli.models.hf import not_a_causal_lm
 from sft_cli.task import Splits
 from sft_cli.tasks.files import SKIP_HINT, existing_file, read_jsonl, read_rows, stratified_split
 from sft_cli.tasks.tokens import TokenCache, fingerprint, load_tokenizer
@@ -113,6 +114,8 @@ def chat_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
         if other != fmt:  # one prompt format renders every split, and prediction
             raise SFTError(f"dataset.{key}={path} holds {other} records but dataset.train_file holds {fmt} "
                            "records: give every file in one layout.")
+    if problem := not_a_causal_lm(to_absolute_path(tokenizer)):  # before its tokenizer's lack of an EOS is blamed
+        raise SFTError(problem)  # dataset.tokenizer is model.name_or_path unless set apart
     tok = load_tokenizer(tokenizer)
     prompt_format = _prompt_format(tok, fmt, fields, chat_template)
     if fmt == "messages":
@@ -286,7 +289,11 @@ def _prompt_format(tok, fmt: str, fields: dict, chat_template: str | None) -> di
     """{format, fields, chat_template, prompt_template, prompt_template_no_input, end_of_turn}: everything
     render_prompt needs, saved with checkpoints."""
     if tok.eos_token is None:
-        raise SFTError("the tokenizer has no eos_token: a causal LM needs one to learn where its answers end.")
+        template = " and no chat template" if not getattr(tok, "chat_template", None) else ""
+        raise SFTError(f"the tokenizer of {tok.name_or_path} has no eos_token{template}: a causal LM needs one to "
+                       "learn where its answers end. Set \"eos_token\" in its tokenizer_config.json to the token "
+                       "that ends a text (one in its vocabulary, such as \"</s>\" or \"<|endoftext|>\"), or point "
+                       "model.name_or_path at a causal LM's own folder.")
     out = {"format": fmt, "fields": fields, "chat_template": None, "chat_template_source": None,
            "prompt_template": None, "prompt_template_no_input": None, "end_of_turn": tok.eos_token}
     if fmt == "prompt_completion":
@@ -326,6 +333,9 @@ def _end_of_turn(tok, template: str, name: str) -> str:
     try:
         text = tok.apply_chat_template([{"role": "user", "content": "Hi."}, {"role": "assistant", "content": probe}],
                                        chat_template=template, tokenize=False)
+    except TemplateSyntaxError as e:  # no record can be rendered: the template itself is at fault, not a row
+        raise SFTError(f"dataset.chat_template: {name} is not a valid Jinja template ({e.message}, at line "
+                       f"{e.lineno}). Fix the template, or set dataset.chat_template=default (ChatML).") from e
     except (TemplateError, ValueError, TypeError) as e:  # the records' own rendering reports them by row
         log.warning(f"{name} could not render a user and an assistant message ({type(e).__name__}: "
                     f"{str(e)[:200]}); generation will stop at EOS")
@@ -356,7 +366,8 @@ def _convert(parsed, layout: str, fmt: str):
         users = [m["content"] for m in parsed if m["role"] == "user"]
         text = users[-1] if users else parsed[-1]["content"]
     else:
-        text = parsed.get("prompt") or "\n\n".join(t for t in (parsed["instruction"], parsed["input"]) if t)
+        text = parsed["prompt"] if "prompt" in parsed else \
+            "\n\n".join(t for t in (parsed["instruction"], parsed["input"]) if t)  # prompt="" stays an empty turn
     return {"messages": [{"role": "user", "content": text}], "prompt_completion": {"prompt": text},
             "alpaca": {"instruction": text, "input": ""}}[fmt]
 
@@ -483,6 +494,11 @@ def _tokenized(path: Path, rows: list, how: Tokenizing) -> tuple[TokenSequences,
         input_ids.append(ids)
         labels.append(targets)
         kept.append(i)
+    if kept and not train_on_prompt and not any(label != IGNORE for row in labels for label in row):
+        # a chat template that never writes the assistant's content: every response is empty once rendered
+        raise SFTError(f"{path}: no example has a response token to learn: {prompt_format['chat_template_source']} "
+                       "never renders the assistant's content. Fix the template so that it writes each assistant "
+                       "message, or set dataset.chat_template=default (ChatML).")
     if bad:
         log.warning(f"{path}: skipped {len(bad)} record(s) that could not be tokenized (dataset.skip_bad_rows=true); "
                     f"the first, {bad[0][0]}, {bad[0][1]}")

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from sft_cli import disk
 from sft_cli.errors import SFTError
 from sft_cli.models.hf import pad_with_eos
 from sft_cli.results import console
@@ -106,6 +107,11 @@ def predict(cfg: DictConfig, out_dir: Path) -> list[dict]:
     if not items:
         raise SFTError(f"input={cfg.input} holds no prompts")
     rendered = [chats.render_prompt(model.tokenizer, prompt_format, item) for item in items]
+    for item, text in zip(items, rendered):
+        if not chats.encode(model.tokenizer, text):  # nothing to continue from: generate() would fail in the model
+            raise SFTError(f"the prompt {item!r} is rendered by this checkpoint's {prompt_format['format']} format "
+                           "as no token at all, and generation needs at least one token to continue: give a prompt "
+                           "with some text.")
     if options.temperature > 0:
         torch.manual_seed(cfg.get("seed") or 0)  # sampling is reproducible: the run's seed, or seed=N
     with torch.inference_mode(), runtime.autocast(device, cfg.trainer.precision):
@@ -130,6 +136,9 @@ def _check(cfg: DictConfig) -> GenerationOptions:
         elif path.exists() and not cfg.get("overwrite", False):
             problems.append(f"output={cfg.output} already exists and is left untouched: choose a new file name, "
                             "or add overwrite=true to replace it")
+        elif why := disk.cannot_write(path):
+            problems.append(f"output={cfg.output} cannot be written ({why}): choose a path in a folder you can "
+                            "write to")
     values = {key: cfg[key] for key in ("max_new_tokens", "temperature", "top_p", "batch_size")}
     problems += option_problems(**values)
     if problems:
@@ -143,7 +152,5 @@ def _write(rows: list[dict], output: str | None) -> None:
         console.print_ranking([{"prompt": r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"]),
                                 "response": r["response"]} for r in rows], ["prompt", "response"], "answers")
         return
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    log.info(f"wrote {len(rows)} answers to {path}")
+    disk.write_output("output", Path(output), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    log.info(f"wrote {len(rows)} answers to {output}")

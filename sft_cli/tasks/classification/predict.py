@@ -1,6 +1,7 @@
 """sft-predict: classify new texts or images with a checkpoint alone."""
 
 import csv
+import io
 import json
 import logging
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
+from sft_cli import disk
 from sft_cli.errors import SFTError
 from sft_cli.results import console
 from sft_cli.tasks.classification import images
@@ -27,6 +29,8 @@ def predict(cfg: DictConfig, out_dir: Path) -> list[dict]:
         raise SFTError("give exactly one of text=\"...\" or input=<file or folder>")
     if cfg.top_k < 1:
         raise SFTError(f"top_k={cfg.top_k} must be at least 1")
+    if cfg.batch_size < 1:
+        raise SFTError(f"batch_size={cfg.batch_size} must be at least 1 (inputs per forward pass)")
     _check_output(cfg)
     ckpt = checkpoint.resolve(cfg.checkpoint)
     device = runtime.pick_device(cfg.trainer.device)
@@ -73,6 +77,8 @@ def _check_output(cfg: DictConfig) -> None:
     if path.exists() and not cfg.get("overwrite", False):
         raise SFTError(f"output={cfg.output} already exists and is left untouched: choose a new file name, or "
                        "add overwrite=true to replace it")
+    if why := disk.cannot_write(path):
+        raise SFTError(f"output={cfg.output} cannot be written ({why}): choose a path in a folder you can write to")
 
 
 def _texts(path: Path, text_field: str, pair_field: str | None) -> list[tuple[str, str | None]]:
@@ -119,14 +125,15 @@ def _write(rows: list[dict], output: str | None) -> None:
                                for r in rows], ["input", "label", "score", "top_k"], "predictions")
         return
     path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif path.suffix == ".csv":
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["input", "label", "score", "top_k"])
-            for r in rows:
-                writer.writerow([r["input"], r["label"], r["score"],
-                                 ";".join(f"{t['label']}:{t['score']:.6f}" for t in r["top_k"])])
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    else:  # .csv
+        f = io.StringIO(newline="")
+        writer = csv.writer(f)
+        writer.writerow(["input", "label", "score", "top_k"])
+        for r in rows:
+            writer.writerow([r["input"], r["label"], r["score"],
+                             ";".join(f"{t['label']}:{t['score']:.6f}" for t in r["top_k"])])
+        text = f.getvalue()
+    disk.write_output("output", path, text)
     log.info(f"wrote {len(rows)} predictions to {path}")

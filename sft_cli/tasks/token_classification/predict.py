@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from sft_cli import disk
 from sft_cli.errors import SFTError
 from sft_cli.results import console
 from sft_cli.tasks.files import read_jsonl
@@ -40,6 +41,11 @@ def predict(cfg: DictConfig, out_dir: Path) -> list[dict]:
         if path.exists() and not cfg.get("overwrite", False):
             raise SFTError(f"output={cfg.output} already exists and is left untouched: choose a new file name, or "
                            "add overwrite=true to replace it")
+        if why := disk.cannot_write(path):
+            raise SFTError(f"output={cfg.output} cannot be written ({why}): choose a path in a folder you can write "
+                           "to")
+    if cfg.batch_size < 1:
+        raise SFTError(f"batch_size={cfg.batch_size} must be at least 1 (sentence windows per forward pass)")
     texts = [str(cfg.text)] if cfg.text is not None else _inputs(Path(cfg.input), cfg.dataset.tokens_field)
     ckpt = checkpoint.resolve(cfg.checkpoint)
     device = runtime.pick_device(cfg.trainer.device)
@@ -90,7 +96,5 @@ def _write(rows: list[dict], output: str | None) -> None:
                                                                         for e in r["entities"]) or "-"}
                                for r in rows], ["text", "entities"], "entities")
         return
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    log.info(f"wrote {len(rows)} tagged sentences to {path}")
+    disk.write_output("output", Path(output), "".join(json.dumps(r) + "\n" for r in rows))
+    log.info(f"wrote {len(rows)} tagged sentences to {output}")
