@@ -13,8 +13,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from sft_cli.config import MODES, PRECISIONS, TrainerSchema, _direction_is_known, find_config_dir, mode_of
+from sft_cli.config import (
+    MODES,
+    PRECISIONS,
+    TrainerSchema,
+    _direction_is_known,
+    find_config_dir,
+    mode_of,
+)
 from sft_cli.errors import SFTError, not_one_of
+from sft_cli.extras import install_command
 
 
 def require(cfg: DictConfig) -> None:
@@ -157,7 +165,8 @@ def _adapter_problems(cfg: DictConfig) -> list[str]:
         return []
     problems = []
     if importlib.util.find_spec("peft") is None:
-        problems.append("adapter=lora needs Hugging Face peft, which is not installed: pip install \"sft-cli[peft]\" "
+        problems.append("adapter=lora needs Hugging Face peft, which is not installed: "
+                        f"{install_command('peft')} "
                         "(or train without adapters: adapter=none)")
     if cfg.model.get("weights", "pretrained") is None:
         problems.append("adapter=lora with model.weights=null: an adapter on a randomly initialised base cannot be "

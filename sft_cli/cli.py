@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sft_cli import checks, config, disk, sweep
 from sft_cli.errors import SFTError
+from sft_cli.extras import install_command
 
 log = logging.getLogger("sft_cli.cli")
 
@@ -143,7 +144,7 @@ def _require_plugins(argv: list[str]) -> None:
             if arg.lstrip("+~").startswith(prefix) and not arg.endswith("=null"):
                 if importlib.util.find_spec(module) is None:
                     _fail(SFTError(f"{arg} needs {module.split('.')[1].replace('_', '-')}, which is not installed: "
-                                   f'pip install "sft-cli[{extra}]"'))
+                                   + install_command(extra)))
 
 
 def _parse(argv: list[str]):

@@ -15,6 +15,8 @@ from conftest import FAST, assert_kill_and_resume_is_bitwise, ok, read_json, run
 from fixtures import chat_rows, sentiment_rows, write_tiny_bert, write_tiny_llama
 from inprocess import train_offline
 
+from sft_cli.extras import install_command
+
 pytest.importorskip("peft")
 
 
@@ -251,7 +253,7 @@ def test_target_modules_that_match_nothing_and_a_missing_peft_are_config_errors(
     cfg = OmegaConf.create({"adapter": {"r": 8}, "model": {"weights": "pretrained"}})
     real = checks.importlib.util.find_spec
     monkeypatch.setattr(checks.importlib.util, "find_spec", lambda name: None if name == "peft" else real(name))
-    assert any('pip install "sft-cli[peft]"' in p for p in checks._adapter_problems(cfg))
+    assert any(install_command("peft") in p for p in checks._adapter_problems(cfg))
     cfg.model.weights = None
     assert any("randomly initialised base" in p for p in checks._adapter_problems(cfg))
 

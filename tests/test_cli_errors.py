@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from sft_cli.errors import SFTError
+from sft_cli.extras import install_command
 from sft_cli.models import vision
 
 from conftest import FAST, run_cli
@@ -118,7 +119,7 @@ def test_a_run_folder_that_holds_a_run_is_never_reused(quick_run: Path, tmp_path
 
 def test_a_hub_dataset_without_the_optional_extra_says_how_to_install_it(tmp_path: Path):
     result = run_cli("sft-train", "+experiment=sst2_bert", cwd=tmp_path)
-    refused(result, 'pip install "sft-cli[hub]"', "dataset=text_files")
+    refused(result, install_command("hub"), "dataset=text_files")
 
 
 def test_text_file_mistakes_name_the_file_and_line(tmp_path: Path):

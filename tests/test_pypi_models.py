@@ -3,6 +3,7 @@ and the chat quickstart's bundled data. Offline: pip is mocked; the real 93 MB d
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -14,6 +15,7 @@ from omegaconf import OmegaConf
 import sft_cli.config  # noqa: F401  (registers the resolvers)
 from sft_cli import assets
 from sft_cli.errors import SFTError
+from sft_cli.extras import install_command
 from sft_cli.models import pypi
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +81,7 @@ def test_missing_gguf_names_the_chat_extra(tmp_path, monkeypatch):
     monkeypatch.setenv("SFT_CLI_CACHE", str(tmp_path))
     monkeypatch.setattr(pypi, "missing_packages", lambda: ["gguf"])
     calls = fake_pip(monkeypatch, 1)
-    with pytest.raises(SFTError, match=r'needs gguf: pip install "sft-cli\[chat\]"'):
+    with pytest.raises(SFTError, match=re.escape(f"needs gguf: {install_command('chat')}")):
         pypi.local_model(PACKAGE, GGUF)
     assert not calls  # checked before anything downloads
 
@@ -147,7 +149,7 @@ def _real_model_folder(tmp_path) -> str:
     if pypi.model_dir(PACKAGE, GGUF).is_dir():
         return str(pypi.model_dir(PACKAGE, GGUF))
     if pypi.missing_packages():
-        pytest.skip(f"needs {pypi.missing_packages()} (pip install 'sft-cli[chat]')")
+        pytest.skip(f"needs {pypi.missing_packages()} ({install_command('chat')})")
     os.environ["SFT_CLI_CACHE"] = str(tmp_path)
     try:
         return pypi.local_model(PACKAGE, GGUF)

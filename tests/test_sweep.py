@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from sft_cli import cli, config, sweep
 from sft_cli.errors import SFTError
+from sft_cli.extras import install_command
 
 from conftest import ok, read_json, run_cli
 
@@ -158,7 +159,7 @@ def test_a_missing_plugin_names_the_extra_to_install(monkeypatch, capsys, arg, e
     with pytest.raises(SystemExit) as exit_:
         cli._require_plugins(["+experiment=quickstart", arg])
     assert exit_.value.code == 1
-    assert f'pip install "sft-cli[{extra}]"' in capsys.readouterr().err
+    assert install_command(extra) in capsys.readouterr().err
 
 
 def make_run(sweep_dir: Path, num: int, overrides: list[str], summary: dict | None) -> Path:

@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 
 from sft_cli import disk
 from sft_cli.errors import SFTError
+from sft_cli.extras import install_command
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def local_model(package: str, member: str) -> str:
     missing = missing_packages() if is_gguf(member) else []  # a plain folder needs nothing beyond transformers
     if missing:
         raise SFTError(f"reading {member} from the PyPI package {package} needs {' and '.join(missing)}: "
-                       f'pip install "sft-cli[chat]" (or pip install {" ".join(missing)}), or point '
+                       f'{install_command("chat")} (or pip install {" ".join(missing)}), or point '
                        "model.name_or_path at a local transformers folder instead.")
     final.parent.mkdir(parents=True, exist_ok=True)
     # one builder at a time (DDP ranks, parallel sweep jobs); where there is no lock, a race only costs a

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sft_cli.disk import write_atomic
 from sft_cli.errors import SFTError
+from sft_cli.extras import install_command
 from sft_cli.results.folders import png_size
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def check(cfg_logger) -> list[str]:
             if importlib.util.find_spec(package) is None:
                 # each tracker's pip extra is named after its package
                 problems.append(f"logger.{name} needs {package}, which is not installed: "
-                                f'pip install "sft-cli[{package}]" (or drop it: logger=csv)')
+                                f"{install_command(package)} (or drop it: logger=csv)")
     return problems
 
 

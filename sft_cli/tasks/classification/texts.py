@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sft_cli.errors import SFTError, unreadable
+from sft_cli.extras import install_command
 from sft_cli.task import Splits
 from sft_cli.tasks.files import existing_file, read_jsonl, read_rows, stratified_split
 from sft_cli.tasks.tokens import TokenCache, fingerprint, load_tokenizer
@@ -237,12 +238,12 @@ def hub_dataset(path: str, tokenizer: str, name: str | None = None, train_split:
                 text_pair_field: str | None = None, label_field: str = "label", max_length: int = 128,
                 val_size: float | int = 0.1, split_seed: int = 0) -> Splits:
     """A labelled dataset from the Hugging Face hub via the optional `datasets` library
-    (pip install "sft-cli[hub]"); tokenized once here (`datasets` caches the download itself)."""
+    (the hub extra); tokenized once here (`datasets` caches the download itself)."""
     try:
         import datasets
     except ImportError:
         raise SFTError(f"dataset {path}/{name} comes from the Hugging Face hub and needs the optional `datasets` "
-                       "library: pip install \"sft-cli[hub]\". Or use your own files: dataset=text_files "
+                       f"library: {install_command('hub')}. Or use your own files: dataset=text_files "
                        "dataset.train_file=...") from None
     try:
         hub = datasets.load_dataset(path, name)

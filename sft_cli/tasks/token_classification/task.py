@@ -15,6 +15,7 @@ from torch import nn
 
 from sft_cli import config
 from sft_cli.errors import SFTError
+from sft_cli.extras import install_command
 from sft_cli.task import Splits
 from sft_cli.tasks.token_classification.metrics import SpanWindow
 
@@ -28,7 +29,7 @@ class TokenClassification:
     def __init__(self):
         if importlib.util.find_spec("seqeval") is None:
             raise SFTError("task=token_classification scores entities with seqeval, which is not installed: "
-                           "pip install \"sft-cli[ner]\"")
+                           + install_command("ner"))
         self.tags: list[str] | None = None
         self.scheme: str | None = None
         self.longest = 0
