@@ -298,8 +298,12 @@ def train_one_epoch(run: Run, learner: Learner, loader, state: TrainState) -> di
     batches, epoch_rng = _epoch_batches(run, loader, state, (window, epoch_totals))
     step_weight = 0.0  # the weight of the summed losses backpropagated since the last optimizer step
     epoch_start = time.perf_counter()
+    total_steps = min(t.max_steps or math.inf, math.ceil(len(loader) / accumulate) * t.max_epochs)
+    # outside a terminal (a log file, CI, nohup) a line every log_every_n_steps steps instead of the bar
+    lines = console.StepLines(total_steps, state.step) if ctx.is_main and not console.draws_bars() else None
     with console.progress_bar(t.progress_bar and ctx.is_main) as bar:
-        bar_id = bar.add_task(f"epoch {state.epoch + 1}", total=len(loader), completed=state.batch, info="") \
+        batches_left = min(len(loader), state.batch + ((t.max_steps or math.inf) - state.step) * accumulate)
+        bar_id = bar.add_task(f"epoch {state.epoch + 1}", total=batches_left, completed=state.batch, info="") \
             if bar else None
         for i, batch in enumerate(batches, start=state.batch):
             batch = loading.to_device(batch, device)
@@ -318,7 +322,8 @@ def train_one_epoch(run: Run, learner: Learner, loader, state: TrainState) -> di
             state.step, state.batch = state.step + 1, i + 1
             if bar:
                 bar.advance(bar_id, i + 1 - i // accumulate * accumulate)  # the step's micro-batches
-            if state.step % t.log_every_n_steps == 0:
+            last = state.step >= (t.max_steps or math.inf) or i + 1 == len(loader)
+            if state.step % t.log_every_n_steps == 0 or last:  # and the epoch's last steps, however few
                 record = {"epoch": state.epoch + 1, "step": state.step, "split": "train", **window.read(),
                           "lr": base_lr(learner.optimizer), "elapsed": time.perf_counter() - run.started}
                 _check_finite(record["loss"], state.step, learner.optimizer)
@@ -326,6 +331,8 @@ def train_one_epoch(run: Run, learner: Learner, loader, state: TrainState) -> di
                 if bar:
                     bar.update(bar_id, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
                                             f"{record['samples_per_s']:.0f} samples/s")
+                if lines:
+                    log.info(lines.line(record))
                 window = task.window(device)
             if state.step >= (t.max_steps or math.inf):
                 break

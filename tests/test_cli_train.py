@@ -1,6 +1,8 @@
 """sft-train and sft-eval as a user runs them: learning, artefacts, resume, sweeps, evaluation."""
 
 import csv
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,18 @@ def test_accumulation_clipping_and_max_steps(tmp_path: Path):
     records = [read_json_line(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
     assert [r["split"] for r in records][-1] == "val"  # a run cut short by max_steps still validates
+
+
+def test_outside_a_terminal_progress_is_a_log_line_and_the_last_steps_are_logged(tmp_path: Path, caplog):
+    # 3 steps, logged every 10: the run used to write no train row at all (single dots, an empty lr plot) and,
+    # in a log file, nothing between the parameter table and the epoch line
+    with caplog.at_level(logging.INFO, logger="sft_cli.train"):
+        train_offline([*FAST, "trainer.max_steps=3", "trainer.log_every_n_steps=2"], "run", cwd=tmp_path)
+    records = [read_json_line(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [2, 3]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == 2 and lines[0].startswith("step 2/3  loss ") and lines[1].startswith("step 3/3  loss ")
+    assert re.search(r"  lr \d\.\d\de-\d\d  [\d.]+ samples/s  ETA \d+s$", lines[0]), lines[0]
 
 
 def test_multirun_grid_makes_four_runs_and_a_ranked_summary(tmp_path: Path):

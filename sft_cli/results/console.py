@@ -1,5 +1,6 @@
 """Everything drawn on the terminal with rich: config tree, parameter table, progress bar, summaries."""
 
+import time
 from contextlib import nullcontext
 
 from omegaconf import DictConfig, OmegaConf
@@ -39,12 +40,45 @@ def print_stages(rows: list[tuple[str, int, int]], title: str = "parameters by s
     console.print(table)
 
 
+def draws_bars() -> bool:
+    """Whether the console is an interactive terminal (a progress bar can be drawn)."""
+    return console.is_terminal
+
+
 def progress_bar(enabled: bool):
     """A rich progress bar on interactive terminals; None (and nothing drawn) elsewhere, e.g. in logs."""
     if not (enabled and console.is_terminal):
         return nullcontext(None)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, transient=True)
+
+
+class StepLines:
+    """Progress as log lines, where no bar can be drawn: `step 40/500  loss 0.4321  lr 1.00e-03  35.2
+    samples/s  ETA 3m12s`, the time left at the pace since the previous line (the first: since the start)."""
+
+    def __init__(self, total_steps: float, step: int):
+        self.total, self.mark = total_steps, (time.perf_counter(), step)
+
+    def line(self, record: dict) -> str:
+        now, step = time.perf_counter(), record["step"]
+        seconds_per_step = (now - self.mark[0]) / max(step - self.mark[1], 1)
+        self.mark = (now, step)
+        left = "" if self.total == float("inf") else f"  ETA {_duration(seconds_per_step * (self.total - step))}"
+        total = "" if self.total == float("inf") else f"/{self.total}"
+        return (f"step {step}{total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                f"{_rate(record['samples_per_s'])} samples/s{left}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _rate(value: float) -> str:
+    """Samples/s with the digits that matter: 0.31, 4.2, 35, 1200."""
+    return f"{value:.2f}" if value < 1 else f"{value:.1f}" if value < 10 else f"{value:.0f}"
 
 
 def print_key_values(title: str, values: dict) -> None:

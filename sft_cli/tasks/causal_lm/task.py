@@ -7,6 +7,9 @@ perplexity and next-token accuracy on the learned tokens, and answers a few vali
 each validation (samples.jsonl), so progress can be read, not only measured.
 """
 
+import logging
+import time
+
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -15,6 +18,8 @@ from sft_cli import config
 from sft_cli.errors import SFTError
 from sft_cli.task import Splits
 from sft_cli.tasks.causal_lm.metrics import TokenWindow
+
+log = logging.getLogger(__name__)
 
 
 class CausalLMTask:
@@ -72,7 +77,11 @@ class CausalLMTask:
 
         options = GenerationOptions(max_new_tokens=self.sample_tokens, temperature=0.0, batch_size=len(self.sample_prompts))
         model.eval()
+        log.info(f"answering {len(self.sample_prompts)} validation prompts (up to {self.sample_tokens} new tokens "
+                 "each; task.samples=0 skips this) ...")
+        start = time.perf_counter()
         responses = generate(model.model, model.tokenizer, self.sample_prompts, options)
+        log.info(f"samples.jsonl: {len(responses)} answers in {time.perf_counter() - start:.1f} s")
         return [{"prompt": p, "reference": r, "response": a}
                 for p, r, a in zip(self.sample_prompts, self.sample_references, responses)]
 
