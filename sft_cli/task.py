@@ -58,6 +58,8 @@ class Window(Protocol):
 
 class Task(Protocol):
     metrics: tuple[str, ...]  # what read() reports; trainer.monitor is val/<one of these>
+    # optional, False when absent: the loop scores the untrained model once (an epoch-0 val row) as a baseline
+    validate_before_training: bool
 
     def data(self, dataset: DictConfig) -> Splits:
         """The train/val/test splits and their batching (Splits.collate, Splits.group_lengths)."""

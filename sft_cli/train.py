@@ -149,8 +149,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     run.started -= state.elapsed
     trackers = loggers.build(cfg.logger, run_dir, cfg, enabled=ctx.is_main)  # after resume copied their history
     run.files = MetricsFiles(run_dir, task.metrics, enabled=ctx.is_main, trackers=trackers)
+    untrained = None  # a language model's val metrics and answers before training, to compare with later ones
     if state.step == 0:
-        write_samples(run, model, state)  # a language model's answers before training, to compare with later ones
+        if getattr(task, "validate_before_training", False):
+            untrained = validate_untrained(run, model, val_loader, base_lr(optimizer))
+        write_samples(run, model, state)
 
     # The epoch loop
     step_limit = t.max_steps or math.inf  # epochs bound the run otherwise (a resumed run may step differently)
@@ -188,9 +191,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                "monitor": t.monitor, "mode": config.mode_of(t), "best_value": state.best,
                "best_epoch": state.best_epoch, "epochs": state.epoch, "steps": state.step, "test": test,
                "wall_time_s": round(time.perf_counter() - run.started, 2), "device": str(device),
+               "precision": runtime.effective_precision(device, t.precision),
                "processes": ctx.world_size, "peak_memory_bytes": runtime.peak_memory(device),
                "trainable_params": sum(r[1] for r in counts), "total_params": sum(r[2] for r in counts),
                "skipped_rows": splits.skipped,  # dataset.skip_bad_rows: rows left out, per file
+               "val_before_training": untrained,
                "checkpoint": str(best_dir.absolute()), "run_dir": str(run_dir.absolute())}
     if ctx.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -198,7 +203,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             write_report(run_dir)
         _track_the_end(trackers, summary, run_dir)
         console.print_key_values("summary", {k: v for k, v in summary.items() if k not in ("test", "run_dir")
-                                             and v != {}}
+                                             and v not in ({}, None)}
                                  | {f"test {k}": v for k, v in (test or {}).items()})
         log.info(f"best checkpoint: {best_dir}   evaluate it with: sft-eval checkpoint={best_dir}")
     distributed.close()
@@ -412,6 +417,17 @@ def validate(run: Run, learner: Learner, loader, state: TrainState, row: dict) -
              f"val {_shown(row, 'val_', names)} | {row['train_samples_per_s']:.0f} samples/s"
              f"{'  (best)' if improved else ''}")
     return improved
+
+
+def validate_untrained(run: Run, model: nn.Module, loader, lr: float) -> dict:
+    """Record the validation metrics of the model before any step (epoch 0) in metrics.jsonl: the baseline
+    the report and the plots show beside the trained model's. It is not a checkpoint, so never `best`."""
+    val = evaluate(run.task, model, loader, run.device, run.cfg.trainer.precision)
+    names = run.task.metrics
+    run.files.record({"epoch": 0, "step": 0, "split": "val", **{k: val[k] for k in (*names, "samples_per_s")},
+                      "lr": lr, "elapsed": time.perf_counter() - run.started})
+    log.info("before training: val " + " ".join(f"{k} {val[k]:.4f}" for k in names))
+    return {k: val[k] for k in names}
 
 
 def test_best(run: Run, model: nn.Module, splits: Splits, state: TrainState, loader) -> dict:

@@ -3,6 +3,7 @@ template) learns a synthetic mapping from a messages JSONL; then sft-eval on a h
 (one prompt, and a file of prompts), sft-export for plain transformers, and mid-epoch resume."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,9 @@ def test_a_tiny_llama_learns_the_responses_and_the_run_shows_its_answers(chat_ru
     assert summary["monitor"] == "val/loss" and summary["mode"] == "min"  # the mode follows the metric
     val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in val if r["split"] == "val"]
-    assert val[-1]["loss"] < val[0]["loss"] < 4.0 and val[-1]["token_accuracy"] > 0.9
+    assert (val[0]["epoch"], val[0]["step"]) == (0, 0)  # the untrained model, scored first: the baseline
+    assert summary["val_before_training"]["loss"] == pytest.approx(val[0]["loss"])
+    assert val[-1]["loss"] < val[1]["loss"] < val[0]["loss"] and val[-1]["token_accuracy"] > 0.9
     assert abs(val[-1]["perplexity"] - torch.tensor(val[-1]["loss"]).exp().item()) < 1e-4
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     before = [s for s in samples if s["epoch"] == 0]
@@ -51,6 +54,18 @@ def test_a_tiny_llama_learns_the_responses_and_the_run_shows_its_answers(chat_ru
     assert sum(s["response"] == s["reference"] for s in after) >= 3
     meta = read_json(run / "checkpoints" / "best" / "meta.json")
     assert meta["prompt_format"]["format"] == "messages" and "im_start" in meta["prompt_format"]["chat_template"]
+
+
+def test_the_report_shows_the_resolved_config_and_the_loss_before_training(chat_run: Path, tmp_path: Path):
+    from sft_cli.results.report import run_report
+
+    run = shutil.copytree(chat_run / "run", tmp_path / "run", symlinks=True)
+    page = run_report(run).read_text()
+    configuration = page[page.index("Configuration"):page.index("Summary")]
+    assert "${" not in configuration and str(chat_run / "chats.jsonl") in configuration  # files as resolved
+    assert "32 (32)" not in configuration and "auto (cpu)" in configuration  # device auto: what it ran on
+    assert "<th>adapter</th><td>none" in configuration and "<th>loggers</th><td>csv" in configuration
+    assert "before training)" in page and "val loss before training" in page
 
 
 def test_eval_on_a_held_out_file_reports_loss_perplexity_and_token_accuracy(chat_run: Path):

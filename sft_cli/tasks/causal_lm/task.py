@@ -27,8 +27,9 @@ class CausalLMTask:
 
     metrics = ("loss", "perplexity", "token_accuracy")
 
-    def __init__(self, samples: int = 4, sample_tokens: int = 64):
+    def __init__(self, samples: int = 4, sample_tokens: int = 64, validate_before_training: bool = True):
         self.samples, self.sample_tokens = samples, sample_tokens
+        self.validate_before_training = validate_before_training
         self.prompt_format: dict | None = None
         self.tokenizer = None  # the data's tokenizer, its chat template set to the one the data were rendered with
         self.sample_prompts: list[str] = []
