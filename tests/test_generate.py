@@ -68,14 +68,18 @@ def test_a_prompt_gets_the_same_greedy_answer_alone_and_in_a_batch_with_longer_p
 def test_greedy_is_deterministic_and_seeded_sampling_is_reproducible(model, tokenizer):
     greedy = GenerationOptions(max_new_tokens=6)
     assert gen.generate(model, tokenizer, PROMPTS, greedy) == gen.generate(model, tokenizer, PROMPTS, greedy)
-    hot = GenerationOptions(max_new_tokens=6, temperature=20.0, top_p=0.95)
 
-    def sample(seed):
-        torch.manual_seed(seed)
-        return gen.generate(model, tokenizer, PROMPTS[:2], hot)
+    def sample(seed, prompts=PROMPTS[:2], batch_size=8):
+        torch.manual_seed(seed + 100)  # the global RNG plays no part: the options' seed decides
+        options = GenerationOptions(max_new_tokens=6, temperature=20.0, top_p=0.95, seed=seed, batch_size=batch_size)
+        return gen.generate(model, tokenizer, prompts, options)
 
     assert sample(1) == sample(1)
     assert len({tuple(sample(s)) for s in range(4)}) > 1  # at a high temperature seeds do differ
+    # an answer depends on the seed and its prompt only: the same alone, in a batch, in another order
+    batched = sample(3, PROMPTS)
+    assert [sample(3, [p])[0] for p in PROMPTS] == batched == sample(3, PROMPTS, batch_size=3)
+    assert sample(3, PROMPTS[::-1]) == batched[::-1]
 
 
 @pytest.mark.parametrize("stop", ["<|im_end|>", "</s>"])

@@ -5,13 +5,16 @@ starts) and continued until the model ends its turn. Batching never changes an a
 the left with an attention mask, so a greedy answer is the same alone or next to longer prompts.
 """
 
+import hashlib
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from sft_cli import disk
 from sft_cli.errors import SFTError
@@ -36,10 +39,16 @@ class GenerationOptions:
     temperature: float = 0.0  # 0: greedy (deterministic); > 0: sampling at this temperature
     top_p: float = 1.0  # sampling only: the smallest set of tokens holding this much probability
     batch_size: int = 8
+    seed: int = 0  # sampling only: with the prompt, it fixes the answer (SeededSampler)
 
     def __post_init__(self):
-        if problems := option_problems(**asdict(self)):
+        if problems := option_problems(**{k: v for k, v in asdict(self).items() if k != "seed"}):
             raise SFTError("; ".join(problems))
+
+
+    def seed_of(self, prompt_ids: list[int]) -> int:
+        """The random stream of one prompt's answer: from the seed and the prompt's tokens."""
+        return int.from_bytes(hashlib.sha256(json.dumps([self.seed, prompt_ids]).encode()).digest()[:8], "little")
 
 
 def option_problems(max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> list[str]:
@@ -65,8 +74,6 @@ def generate(model, tokenizer, prompts: list[str], options: GenerationOptions) -
     # Similar lengths share a batch (less padding); answers go back to prompt order at the end.
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     pad_with_eos(tokenizer)  # as training padded
-    sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p, "top_k": 0} \
-        if options.temperature > 0 else {"do_sample": False}  # top_k=0: no hidden top-50 from the defaults
     answers, stops = [""] * len(prompts), stop_ids(model, tokenizer)
     device = next(model.parameters()).device
     for start in range(0, len(order), options.batch_size):
@@ -74,13 +81,38 @@ def generate(model, tokenizer, prompts: list[str], options: GenerationOptions) -
         # padded on the left, so that every prompt ends where generation starts
         padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding_side="left", return_tensors="pt")
         input_ids = padded["input_ids"]
+        # Sampling draws through a logits processor with one random stream per prompt; generate() itself then
+        # picks the one token left (greedy), so no generation_config default (top_k=50) samples on top of it.
+        sampling = {} if options.temperature == 0 else {"logits_processor": LogitsProcessorList(
+            [SeededSampler([options.seed_of(encoded[i]) for i in batch], options.temperature, options.top_p)])}
         output = model.generate(input_ids=input_ids.to(device), attention_mask=padded["attention_mask"].to(device),
-                                max_new_tokens=options.max_new_tokens, eos_token_id=stops,
+                                do_sample=False, max_new_tokens=options.max_new_tokens, eos_token_id=stops,
                                 pad_token_id=tokenizer.pad_token_id, **sampling)
         new = output[:, input_ids.shape[1]:]  # every row starts with the same padded prompt length
         for i, ids in zip(batch, new.tolist()):
             answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return answers
+
+
+class SeededSampler(LogitsProcessor):
+    """Sampling at `temperature` from the top-p nucleus, each row of the batch from its own random stream (seeded
+    from sft-predict's seed and the prompt's tokens): an answer depends on the seed and its prompt alone, not on
+    the other prompts of its batch, their order or the batch size, so it is the same in every run (greedy's
+    guarantee, for sampling). Returns scores that leave one token per row: the one drawn."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.seeds, self.temperature, self.top_p = seeds, temperature, top_p
+        self.generators = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.generators is None:  # on the device the scores are on
+            self.generators = [torch.Generator(scores.device).manual_seed(s) for s in self.seeds]
+        scores = scores.float() / self.temperature
+        if self.top_p < 1:
+            scores = TopPLogitsWarper(self.top_p)(input_ids, scores)
+        probs = scores.softmax(dim=-1)
+        drawn = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        return torch.full_like(scores, -math.inf).scatter_(1, drawn[:, None], 0.0)
 
 
 def stop_ids(model, tokenizer) -> list[int]:
@@ -112,8 +144,6 @@ def predict(cfg: DictConfig, out_dir: Path) -> list[dict]:
             raise SFTError(f"the prompt {item!r} is rendered by this checkpoint's {prompt_format['format']} format "
                            "as no token at all, and generation needs at least one token to continue: give a prompt "
                            "with some text.")
-    if options.temperature > 0:
-        torch.manual_seed(cfg.get("seed") or 0)  # sampling is reproducible: the run's seed, or seed=N
     with torch.inference_mode(), runtime.autocast(device, cfg.trainer.precision):
         responses = generate(model.model, model.tokenizer, rendered, options)
     rows = [{"prompt": item, "rendered": text, "response": response}
@@ -144,7 +174,7 @@ def _check(cfg: DictConfig) -> GenerationOptions:
     if problems:
         raise SFTError(problems[0] if len(problems) == 1 else
                        "sft-predict cannot start:\n" + "\n".join(f"  - {p}" for p in problems))
-    return GenerationOptions(**values)
+    return GenerationOptions(**values, seed=cfg.get("seed") or 0)  # sampling: the run's seed, or seed=N
 
 
 def _write(rows: list[dict], output: str | None) -> None:
