@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from conftest import FAST, assert_kill_and_resume_is_bitwise, ok, read_json, run_cli
 from fixtures import chat_rows, sentiment_rows, write_tiny_bert, write_tiny_llama
 from inprocess import train_offline
+from test_cli_errors import refused
 
 from sft_cli.extras import install_command
 
@@ -157,6 +158,23 @@ def test_a_kill_within_an_epoch_resumes_lora_training_bitwise(tmp_path: Path):
     assert_kill_and_resume_is_bitwise(args, tmp_path)
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    # resuming with another adapter, or none: the keys that differ, and resume=
+    (["adapter.r=4", "resume=run"], ["run/checkpoints/last does not match the configured adapter: it was trained "
+                                     "with adapter=lora adapter.r=8, and the config now has adapter.r=4",
+                                     "continues (resume=)", "give adapter=lora adapter.r=8"]),
+    (["adapter=none", "resume=run"], ["trained with adapter=lora adapter.r=8, and the config now has adapter=none"]),
+    # values with which LoRA trains nothing
+    (["adapter.alpha=0"], ["adapter.alpha=0 must be a number > 0", "alpha=0 changes nothing"]),
+    (["freeze=head_only"], ["nothing trains in epoch 1: freeze=head_only leaves only stages", "freeze=none"]),
+])
+def test_lora_mistakes_are_one_message_naming_the_keys(chat_lora: Path, overrides, expected):
+    keys = [o.split("=")[0] for o in overrides]  # the run's own adapter=lora adapter.r=8 give way (adapter=none)
+    args = [a for a in chat_args(chat_lora) if not a.startswith(tuple(keys))]
+    result = run_cli("sft-train", *args, *overrides, f"hydra.run.dir=refused/{'_'.join(keys)}", cwd=chat_lora)
+    refused(result, *expected)
+
+
 # ---------------------------------------------------------------------------------------------- torchvision
 
 
@@ -272,6 +290,19 @@ def test_the_fingerprint_sees_a_changed_weights_file(tmp_path: Path):
     data[len(data) // 2] ^= 1  # one bit in the middle of the first chunk after the half-way point
     file.write_bytes(bytes(data))
     assert fingerprint([file]) != before
+
+
+def test_the_fingerprint_hashes_a_file_under_2_gib_whole_and_samples_larger_ones(tmp_path: Path):
+    from sft_cli.models.adapters import fingerprint
+
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(bytes(range(256)) * 40_000)  # 10 MB: 32 slices of 64 KiB, 312 KiB apart
+    whole, sampled = fingerprint([file]), fingerprint([file], whole_up_to=1 << 20)
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2 + 100_000] ^= 1  # between two slices
+    file.write_bytes(bytes(data))
+    assert fingerprint([file]) != whole
+    assert fingerprint([file], whole_up_to=1 << 20) == sampled  # what a file over the limit cannot promise
 
 
 def test_convolution_models_adapt_what_peft_can_and_keep_batchnorm_statistics():

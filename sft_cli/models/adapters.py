@@ -1,4 +1,4 @@
-"""LoRA adapters through Hugging Face peft (configs/adapter/lora.yaml; pip install "sft-cli[peft]").
+"""LoRA adapters through Hugging Face peft (configs/adapter/lora.yaml; the peft extra).
 
 adapter=lora freezes the base model's weights and adds trainable low-rank matrices beside its Linear (and, for
 torchvision models, Conv) layers; the layers made from scratch (a classifier's head, a new stem) train in full
@@ -12,13 +12,14 @@ import hashlib
 import json
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from sft_cli.errors import SFTError
+from sft_cli.extras import install_command
 from sft_cli.models.parts import Adapter
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,11 @@ class LoRA:
             raise SFTError(f"adapter.bias={self.bias!r} must be one of none, all, lora_only")
         if not 0 <= self.dropout < 1:
             raise SFTError(f"adapter.dropout={self.dropout} must be in [0, 1)")
+        # the update is scaled by alpha / r: alpha=0 trains adapters that change nothing, a negative one reverses them
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise SFTError(f"adapter.alpha={self.alpha!r} must be a number > 0: the adapter's update is scaled by "
+                           "alpha / r, so alpha=0 changes nothing. The usual choice is twice the rank: adapter.alpha=32 "
+                           "with adapter.r=16")
 
 
 def apply(model: nn.Module, lora: "LoRA | None") -> nn.Module:
@@ -56,7 +62,7 @@ def apply(model: nn.Module, lora: "LoRA | None") -> nn.Module:
         from peft import LoraConfig, get_peft_model
     except ImportError as e:
         raise SFTError(f"adapter=lora needs Hugging Face peft, which could not be imported ({e}): "
-                       "pip install \"sft-cli[peft]\"") from e
+                       f"{install_command('peft')}") from e
 
     root, prefix = _root(model)
     in_full, by_hand = _in_full(model, root, prefix, lora.modules_to_save)
@@ -71,7 +77,7 @@ def apply(model: nn.Module, lora: "LoRA | None") -> nn.Module:
     model.sft.adapter = Adapter(  # peft_model is no submodule: it holds `root`, which `model` already holds
         peft=peft_model, in_full=[prefix + name for name in by_hand],
         trainable={n for n, p in model.named_parameters() if p.requires_grad},  # after by_hand's
-        base_record=base_record(model))
+        base_record=base_record(model), settings=asdict(lora))
     kinds = sorted({t.rsplit(".", 1)[-1] for t in targets})
     log.info(f"adapter: LoRA r={lora.r} alpha={lora.alpha} on {len(targets)} layers ({', '.join(kinds[:8])}"
              f"{', ...' if len(kinds) > 8 else ''}); trained in full and saved with it: {in_full + by_hand}")
@@ -159,6 +165,40 @@ def adapter_weights(model: nn.Module) -> dict:
             if k in trainable or ".modules_to_save." in k or k.startswith(by_hand)}
 
 
+# What an adapter's tensors, or what they do, depend on (adapter.dropout acts in training only: it may change)
+SHAPING = ("r", "alpha", "target_modules", "bias", "modules_to_save")
+
+
+def mismatch(trained: DictConfig | None, model: nn.Module, ckpt: Path) -> str | None:
+    """Why the adapter `model` carries differs from the one the checkpoint `ckpt` was trained with (`trained`:
+    its config.yaml's adapter node, empty for adapter=none), naming the keys; None when they match."""
+    given = OmegaConf.to_container(trained) if isinstance(trained, DictConfig) else dict(trained or {})
+    given.pop("_target_", None)
+    before = {**asdict(LoRA()), **given} if given else {}
+    now = model.sft.adapter.settings if model.sft.adapter else {}
+    if not before and not now or before and now and all(before[k] == now[k] for k in SHAPING):
+        return None
+
+    def lora(settings: dict, keys=None) -> str:  # the values that differ from configs/adapter/lora.yaml's (and r)
+        keys = keys or [k for k in SHAPING if k == "r" or settings[k] != getattr(LoRA(), k)]
+        return "adapter=lora " + " ".join(f"adapter.{k}={_value(settings[k])}" for k in keys)
+
+    if before and now:
+        keys = [k for k in SHAPING if before[k] != now[k]]
+        trained_with, configured = lora(before, keys), " ".join(f"adapter.{k}={_value(now[k])}" for k in keys)
+    else:
+        trained_with = lora(before) if before else "adapter=none"
+        configured = lora(now) if now else "adapter=none"
+    return (f"{ckpt} does not match the configured adapter: it was trained with {trained_with}, and the config now "
+            f"has {configured}. A checkpoint continues (resume=) and loads (sft-eval, sft-predict, sft-export) only "
+            f"with the adapter it was trained with: give {trained_with} (its config.yaml), or start a new run "
+            "without resume=.")
+
+
+def _value(value) -> str:
+    return "null" if value is None else f"'[{','.join(value)}]'" if isinstance(value, list) else str(value)
+
+
 def load_adapter_weights(model: nn.Module, weights: dict, source: Path) -> None:
     """Load an adapter checkpoint's tensors into a model with the same adapter on its base weights."""
     expected = set(adapter_weights(model))
@@ -183,12 +223,16 @@ def base_record(model: nn.Module) -> dict:
     weights files where they are on disk. Builders say where their weights came from in model.sft.base."""
     base = model.sft.base or {}
     files = [Path(f) for f in base.get("files", [])]
-    return {"source": base.get("source"), "fingerprint": fingerprint(files) if files else None}
+    return {"source": base.get("source"), "fingerprint": fingerprint(files) if files else None,
+            "whole_up_to": WHOLE_UP_TO}
 
 
 def check_base(recorded: dict, model: nn.Module, ckpt: Path, key: str) -> None:
     """An error unless `model`'s base weights are the ones the adapter in `ckpt` was trained on."""
     now = model.sft.adapter.base_record
+    if "whole_up_to" not in recorded and now["fingerprint"]:  # recorded before small files were hashed whole
+        files = [Path(f) for f in (model.sft.base or {}).get("files", [])]
+        now = {**now, "fingerprint": fingerprint(files, whole_up_to=0)}
     if recorded.get("fingerprint") and now["fingerprint"] and recorded["fingerprint"] != now["fingerprint"]:
         raise SFTError(f"{ckpt} holds a LoRA adapter trained on the base model {recorded.get('source')}, but the base "
                        f"loaded now ({now['source']}) has different weights (fingerprint {now['fingerprint']}, "
@@ -207,14 +251,23 @@ def missing_base(recorded: dict, ckpt: Path, key: str) -> str:
             f"against fingerprint {recorded.get('fingerprint')}).")
 
 
-def fingerprint(files: list[Path], chunks: int = 32, size: int = 1 << 16) -> str:
-    """A sha256 over each file's size, its first and last MiB and `chunks` slices spread through it: a base
-    re-trained or re-quantized differs in all of them, and a 15 GB model is read in milliseconds."""
+# Weights files up to this size are hashed whole, so any changed byte is seen (about a second a GiB); a larger
+# one is sampled, which any re-training or re-quantization of a model still changes everywhere.
+WHOLE_UP_TO = 2 << 30
+
+
+def fingerprint(files: list[Path], whole_up_to: int = WHOLE_UP_TO, chunks: int = 32, size: int = 1 << 16) -> str:
+    """A sha256 over each file's name, size and contents: a file up to `whole_up_to` bytes whole; a larger one
+    by its first and last MiB and `chunks` slices spread through it (a 15 GB model is read in milliseconds)."""
     digest = hashlib.sha256()
     for path in sorted(files):
         length = path.stat().st_size
         digest.update(json.dumps([path.name, length]).encode())
         with open(path, "rb") as f:
+            if length <= whole_up_to:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+                continue
             for offset in [0, max(0, length - (1 << 20))] + [length * k // chunks for k in range(chunks)]:
                 f.seek(offset)
                 digest.update(f.read(1 << 20 if offset in (0, max(0, length - (1 << 20))) else size))

@@ -18,6 +18,7 @@ class Adapter:
     trainable: set[str]            # parameter names that may train (LoRA matrices, new heads, biases per bias=)
     in_full: list[str]             # new modules peft cannot pick by name, trained in full beside it
     base_record: dict              # {"source", "fingerprint"} of the base weights (adapters.base_record)
+    settings: dict = field(default_factory=dict)  # the LoRA settings it was made with (adapters.mismatch)
 
 
 @dataclass

@@ -409,10 +409,16 @@ def load_weights(ckpt: Path, model: nn.Module) -> None:
     """Load model.safetensors into `model`; a different architecture is an error naming the keys."""
     from safetensors.torch import load_file
 
+    from sft_cli.models import adapters
+
+    try:
+        trained = load_config(ckpt).get("adapter")
+    except SFTError:  # no readable config.yaml: the weights' own checks below still speak for them
+        trained = model.sft.adapter.settings if model.sft.adapter else None
+    if problem := adapters.mismatch(trained, model, ckpt):  # resume= with another adapter.r, or adapter=none
+        raise SFTError(problem)
     weights = _read(ckpt, MODEL_FILE, lambda p: load_file(p))
     if model.sft.adapter:
-        from sft_cli.models import adapters
-
         return adapters.load_adapter_weights(model, weights, ckpt / MODEL_FILE)
     try:
         model.load_state_dict(weights)
