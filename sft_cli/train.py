@@ -97,7 +97,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     checks.check_monitor(cfg, task.metrics)
     run = Run(cfg, run_dir, task, device, ctx, started=time.perf_counter())
     if ctx.is_main:
-        console.print_config(cfg)
+        if cfg.get("verbose"):
+            console.print_config(cfg)
+        else:
+            log.info(f"config: {run_dir / '.hydra' / 'config.yaml'} (verbose=true prints it here)")
         checkpoint.clear_stale(run_dir / "checkpoints")  # left by a killed run in this folder
 
     # Seed and device (the model's initial weights are rank 0's: DDP broadcasts them when it wraps the model)
@@ -131,7 +134,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     _check_something_trains(model, 0, cfg)
     counts = freeze.parameter_counts(model, model.sft.stages)
     if ctx.is_main:
-        console.print_stages(counts)
+        console.report_stages(counts, run_dir / "parameters.txt", on_screen=cfg.get("verbose", False))
     if t.compile:
         model.compile()  # in place: training (through DDP too) and evaluation call the compiled forward
 
@@ -205,7 +208,9 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         console.print_key_values("summary", {k: v for k, v in summary.items() if k not in ("test", "run_dir")
                                              and v not in ({}, None)}
                                  | {f"test {k}": v for k, v in (test or {}).items()})
-        log.info(f"best checkpoint: {best_dir}   evaluate it with: sft-eval checkpoint={best_dir}")
+        example = getattr(task, "predict_example", "input=<a file or folder>")
+        log.info(f"best checkpoint: {best_dir}\n  evaluate it:  sft-eval checkpoint={best_dir}\n"
+                 f"  use it:       sft-predict checkpoint={best_dir} {example}")
     distributed.close()
     return float(state.best)
 
@@ -414,7 +419,7 @@ def validate(run: Run, learner: Learner, loader, state: TrainState, row: dict) -
     row.update({f"val_{k}": val[k] for k in names})
     write_samples(run, learner.model, state)
     log.info(f"epoch {state.epoch}/{t.max_epochs}  train {_shown(row, 'train_', names)} | "
-             f"val {_shown(row, 'val_', names)} | {row['train_samples_per_s']:.0f} samples/s"
+             f"val {_shown(row, 'val_', names)} | {console.rate(row['train_samples_per_s'])} samples/s"
              f"{'  (best)' if improved else ''}")
     return improved
 

@@ -80,7 +80,8 @@ def apply(model: nn.Module, lora: "LoRA | None") -> nn.Module:
         base_record=base_record(model), settings=asdict(lora))
     kinds = sorted({t.rsplit(".", 1)[-1] for t in targets})
     log.info(f"adapter: LoRA r={lora.r} alpha={lora.alpha} on {len(targets)} layers ({', '.join(kinds[:8])}"
-             f"{', ...' if len(kinds) > 8 else ''}); trained in full and saved with it: {in_full + by_hand}")
+             f"{', ...' if len(kinds) > 8 else ''})"
+             + (f"; trained in full and saved with it: {in_full + by_hand}" if in_full + by_hand else ""))
     return model
 
 

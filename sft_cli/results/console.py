@@ -2,6 +2,7 @@
 
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -31,13 +32,32 @@ def print_config(cfg: DictConfig) -> None:
 
 
 def print_stages(rows: list[tuple[str, int, int]], title: str = "parameters by stage") -> None:
+    console.print(_stage_table(rows, title))
+
+
+def report_stages(rows: list[tuple[str, int, int]], path: Path, on_screen: bool = False) -> None:
+    """The parameter table per stage into `path` (plain text); on screen too, or else one line."""
+    with path.open("w") as f:
+        Console(file=f, width=100, color_system=None).print(_stage_table(rows, "parameters by stage"))
+    if on_screen:
+        print_stages(rows)
+        return
+    trainable, total = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    shown = [r for r in rows if r[2]]
+    console.print(f"parameters: {trainable:,} of {total:,} train ({trainable / max(total, 1):.1%}), in "
+                  f"{sum(1 for r in shown if r[1])} of {len(shown)} stages; per stage: {path} "
+                  "(verbose=true prints it here)", markup=False, highlight=False, soft_wrap=True)
+
+
+def _stage_table(rows: list[tuple[str, int, int]], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for column in ("stage", "trainable", "total"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for name, trainable, total in rows:
-        table.add_row(name, f"{trainable:,}", f"{total:,}", style=None if trainable else "dim")
+        if total:  # a stage whose weights are another's (a tied lm_head) owns none: 0 / 0 looked like a bug
+            table.add_row(name, f"{trainable:,}", f"{total:,}", style=None if trainable else "dim")
     table.add_row("[bold]all", f"[bold]{sum(r[1] for r in rows):,}", f"[bold]{sum(r[2] for r in rows):,}")
-    console.print(table)
+    return table
 
 
 def draws_bars() -> bool:
@@ -67,7 +87,7 @@ class StepLines:
         left = "" if self.total == float("inf") else f"  ETA {_duration(seconds_per_step * (self.total - step))}"
         total = "" if self.total == float("inf") else f"/{self.total}"
         return (f"step {step}{total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                f"{_rate(record['samples_per_s'])} samples/s{left}")
+                f"{rate(record['samples_per_s'])} samples/s{left}")
 
 
 def _duration(seconds: float) -> str:
@@ -76,7 +96,7 @@ def _duration(seconds: float) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def _rate(value: float) -> str:
+def rate(value: float) -> str:
     """Samples/s with the digits that matter: 0.31, 4.2, 35, 1200."""
     return f"{value:.2f}" if value < 1 else f"{value:.1f}" if value < 10 else f"{value:.0f}"
 
@@ -86,6 +106,8 @@ def print_key_values(title: str, values: dict) -> None:
     table.add_column(style="bold")
     table.add_column()
     for key, value in values.items():
+        if key.endswith("_bytes") and isinstance(value, int):  # peak_memory_bytes: 1.23 GiB
+            key, value = key.removesuffix("_bytes"), f"{value / 2**30:.2f} GiB"
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
 

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 class CausalLMTask:
     """Next-token loss on the response tokens; the prompt format is what a checkpoint needs besides its config."""
 
+    predict_example = 'prompt="..."'  # what sft-train suggests after a run
     metrics = ("loss", "perplexity", "token_accuracy")
 
     def __init__(self, samples: int = 4, sample_tokens: int = 64, validate_before_training: bool = True):

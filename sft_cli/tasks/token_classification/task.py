@@ -24,6 +24,7 @@ class TokenClassification:
     """Cross-entropy per labelled sub-token; the tags and their scheme are what a checkpoint needs besides its
     config."""
 
+    predict_example = 'text="..."'  # what sft-train suggests after a run
     metrics = ("loss", "precision", "recall", "f1", "token_accuracy")
 
     def __init__(self):
