@@ -2,6 +2,7 @@
 template) learns a synthetic mapping from a messages JSONL; then sft-eval on a held-out file, sft-predict
 (one prompt, and a file of prompts), sft-export for plain transformers, and mid-epoch resume."""
 
+import html
 import json
 import shutil
 from pathlib import Path
@@ -66,6 +67,9 @@ def test_the_report_shows_the_resolved_config_and_the_loss_before_training(chat_
     assert "32 (32)" not in configuration and "auto (cpu)" in configuration  # device auto: what it ran on
     assert "<th>adapter</th><td>none" in configuration and "<th>loggers</th><td>csv" in configuration
     assert "before training)" in page and "val loss before training" in page
+    answers = page[page.index("Sampled answers"):]
+    question = json.loads((run / "samples.jsonl").read_text().splitlines()[0])["question"]
+    assert f"<td><pre>{html.escape(question)}</pre><details><summary>full prompt</summary><pre>&lt;|im_start|&gt;" in answers
 
 
 def test_eval_on_a_held_out_file_reports_loss_perplexity_and_token_accuracy(chat_run: Path):

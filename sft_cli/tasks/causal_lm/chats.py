@@ -53,6 +53,7 @@ class ChatSplits(Splits):
     prompt_format: dict | None = None  # JSON-able: what render_prompt needs to render prompts as training did
     sample_prompts: list[str] = field(default_factory=list)  # up to 4 rendered validation prompts
     sample_references: list[str] = field(default_factory=list)  # their reference responses
+    sample_questions: list[str] = field(default_factory=list)  # their last user turns, as written (for reports)
     counts: dict = field(default_factory=dict)  # train file: examples (train split), truncated, dropped, skipped_rows
 
 
@@ -151,7 +152,8 @@ def chat_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
                       {key: n for key, n in skipped.items() if n},
                       tokenizer=tok, prompt_format=prompt_format,
                       sample_prompts=[_render(tok, prompt_format, fmt, p) for p, _ in samples],
-                      sample_references=[r for _, r in samples], counts=counts)
+                      sample_references=[r for _, r in samples], counts=counts,
+                      sample_questions=[_convert(p, fmt, "prompt_completion")["prompt"] for p, _ in samples])
 
 
 def _fields(fields: dict | None) -> dict[str, str]:

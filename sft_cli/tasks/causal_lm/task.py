@@ -35,6 +35,7 @@ class CausalLMTask:
         self.tokenizer = None  # the data's tokenizer, its chat template set to the one the data were rendered with
         self.sample_prompts: list[str] = []
         self.sample_references: list[str] = []
+        self.sample_questions: list[str] = []
         self.criterion = None
 
     def data(self, dataset: DictConfig) -> Splits:
@@ -45,6 +46,7 @@ class CausalLMTask:
         self.prompt_format, self.tokenizer = splits.prompt_format, splits.tokenizer
         self.sample_prompts = splits.sample_prompts[:self.samples]
         self.sample_references = splits.sample_references[:self.samples]
+        self.sample_questions = splits.sample_questions[:self.samples]
         return splits
 
     def info(self) -> dict:
@@ -72,7 +74,8 @@ class CausalLMTask:
         return TokenWindow(device)
 
     def generate_samples(self, model: nn.Module) -> list[dict]:
-        """Greedy answers to the first validation prompts: {prompt, reference, response} each."""
+        """Greedy answers to the first validation prompts: {prompt (as rendered), question (the last user turn),
+        reference, response} each."""
         if not self.sample_prompts:
             return []
         from sft_cli.tasks.causal_lm.generate import GenerationOptions, generate
@@ -84,8 +87,8 @@ class CausalLMTask:
         start = time.perf_counter()
         responses = generate(model.model, model.tokenizer, self.sample_prompts, options)
         log.info(f"samples.jsonl: {len(responses)} answers in {time.perf_counter() - start:.1f} s")
-        return [{"prompt": p, "reference": r, "response": a}
-                for p, r, a in zip(self.sample_prompts, self.sample_references, responses)]
+        return [{"prompt": p, "question": q, "reference": r, "response": a}
+                for p, q, r, a in zip(self.sample_prompts, self.sample_questions, self.sample_references, responses)]
 
     def predict(self, cfg: DictConfig, out_dir) -> list[dict]:
         from sft_cli.tasks.causal_lm.generate import (
