@@ -51,9 +51,17 @@ def write_output(key: str, path: Path, text: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, text)
     except OSError as e:
-        fix = "free some space on that disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) else \
-            "choose a path in a folder you can write to"
-        raise SFTError(f"{key}={path} could not be written ({e.strerror or e}): {fix}, then run again.") from e
+        raise SFTError(f"{key}={write_failed(path, e)}") from e
+
+
+def write_failed(path: Path, error: Exception) -> str:
+    """`<path> could not be written (<why>): <what to do>`, for an OSError (or safetensors' error, which
+    carries the OS error in its text): a full disk says to free space on it, anything else to choose a folder
+    that can be written."""
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "space" in str(error).lower()
+    fix = "free some space on that disk" if full else "make that folder writable or choose another"
+    why = getattr(error, "strerror", None) or str(error)[:300]
+    return f"{path} could not be written ({why}): {fix}, then run again."
 
 
 def lock(path: Path, wait: bool = True):

@@ -3,13 +3,17 @@
 (merge=true), or written as the peft adapter folder that `PeftModel.from_pretrained(base, folder)` loads
 (merge=false). A torchvision model with an adapter becomes its merged state dict (model.safetensors)."""
 
+import contextlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from safetensors import SafetensorError
 
+from sft_cli import disk
 from sft_cli.errors import SFTError
 from sft_cli.training import checkpoint, restore
 
@@ -37,6 +41,30 @@ def export(cfg: DictConfig) -> Path:
     if adapter and merge and "dtype" in cfg.model:
         cfg.model.dtype = "float32"  # a LoRA update merged into bf16 weights would be rounded away
     _, model = restore.load_model(cfg, ckpt, torch.device("cpu"))
+    existed = out.exists()  # an empty folder: kept if the export fails, a new one removed
+    try:
+        return _write(cfg, ckpt, model, out, adapter, merge)
+    except (OSError, SafetensorError) as e:  # a full disk, a folder that refuses files
+        _remove_partial(out, existed)
+        raise SFTError(f"the export to {disk.write_failed(out, e)} What was written is removed; the checkpoint is "
+                       "untouched.") from e
+
+
+def _remove_partial(out: Path, keep_folder: bool) -> None:
+    """What a failed export wrote; the disk that failed it may refuse this too, and the error to report is the
+    first."""
+    with contextlib.suppress(OSError):
+        if not keep_folder:
+            shutil.rmtree(out, ignore_errors=True)
+            return
+        for path in out.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _write(cfg: DictConfig, ckpt: Path, model, out: Path, adapter: bool, merge: bool) -> Path:
     tokenizer = model.sft.tokenizer
     if adapter and not merge:
         if model.sft.adapter.in_full:

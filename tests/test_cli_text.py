@@ -2,11 +2,13 @@
 then sft-eval on another file, sft-predict on texts, and sft-export for plain transformers."""
 
 import csv
+import errno
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from conftest import assert_kill_and_resume_is_bitwise, ok, read_json, run_cli
@@ -85,6 +87,9 @@ def test_eval_on_another_file_and_predict_agree_on_every_text(text_run: Path):
 
 def test_export_loads_in_plain_transformers_with_the_label_names(text_run: Path):
     ok(run_cli("sft-export", "checkpoint=run/checkpoints/best", "output=exported", cwd=text_run))
+    assert not (text_run / "export.log").exists()  # nothing but the exported folder where you run it
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (text_run / "exported").iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the weights as readable as the other files (were 0600)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(text_run / "exported").eval()
@@ -116,3 +121,33 @@ def test_export_options_are_typed(text_run: Path):
     refused(run_cli("sft-export", "checkpoint=run", "output=out", "merge=maybe", cwd=text_run),
             "'maybe'", "is not a valid bool", "full_key: merge")
     assert not (text_run / "out").exists()
+
+
+@pytest.mark.parametrize("error", [
+    SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on '
+                    'device" })'),
+    OSError(errno.ENOSPC, "No space left on device"),
+])
+def test_a_full_disk_during_export_says_so_and_leaves_nothing_half_written(text_run: Path, tmp_path: Path,
+                                                                          monkeypatch, error):
+    from omegaconf import OmegaConf
+    from transformers import PreTrainedModel
+
+    from sft_cli.errors import SFTError
+    from sft_cli.export import export
+    from sft_cli.training import checkpoint
+
+    ckpt = text_run / "run" / "checkpoints" / "best"
+    out = tmp_path / "exported"
+    cfg = OmegaConf.merge(checkpoint.load_config(ckpt), {"checkpoint": str(ckpt), "output": str(out), "merge": True})
+
+    def fills_the_disk(self, folder, *args, **kwargs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "config.json").write_text("{")  # something was written before the disk filled up
+        raise error
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", fills_the_disk)
+    with pytest.raises(SFTError, match=rf"the export to {out} could not be written \(.*No space left on device.*\): "
+                                       r"free some space on that disk, then run again. What was written is removed"):
+        export(cfg)
+    assert not out.exists()

@@ -3,6 +3,7 @@
 `sft-report <folder>` re-drawing them (run as `python -m sft_cli.results.report` until the console script exists)."""
 
 import csv
+import errno
 import json
 import shutil
 from html.parser import HTMLParser
@@ -101,6 +102,33 @@ def test_a_killed_run_draws_what_there_is(run: Path, tmp_path: Path):
     html = check_page(run_report(killed))
     assert pngs(killed) == {"loss.png", "accuracy.png", "macro_f1.png", "lr.png"}
     assert "no summary.json" in html
+
+
+def test_sft_report_on_a_killed_run_says_which_line_it_skipped(run: Path, tmp_path: Path):
+    killed = copy_run(run, tmp_path / "killed")
+    lines = (killed / "metrics.jsonl").read_text().splitlines()
+    (killed / "metrics.jsonl").write_text("\n".join(lines[:-1] + [lines[-1][:20]]))  # the last line cut by a kill
+    done = ok(run_cli("python", "-m", "sft_cli.results.report", str(killed), cwd=tmp_path))
+    assert done.stdout.strip() == str(killed / "report.html")
+    assert done.stderr.count("skipped") == 1, done.stderr  # said once, though the plots and the page read it
+    assert f"metrics.jsonl: skipped line {len(lines)} (the last, cut short: a killed run?), not a whole JSON " \
+           f"record; what is drawn comes from the other {len(lines) - 1} line(s)" in done.stderr
+
+
+def test_a_full_disk_while_drawing_says_so_and_where(run: Path, tmp_path: Path, monkeypatch, capsys):
+    from sft_cli.results import report
+
+    full = copy_run(run, tmp_path / "full")
+
+    def no_space(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", no_space)
+    monkeypatch.setattr(Path, "write_text", no_space)
+    assert report.main([str(full)]) == 1
+    message = capsys.readouterr().err
+    assert f"sft-report: the plot {full / 'plots'}" in message and "could not be written (No space left on " \
+           "device): free some space on that disk, then run again." in message, message
 
 
 def test_a_sweep_report_ranks_the_runs_links_them_and_says_why_one_failed(run: Path, tmp_path: Path):

@@ -2,12 +2,15 @@
 sweep's runs ranked by their monitored metric. Plots, reports, the sweep callback and sweep.skip_finished all
 read through it. Nothing here writes, and a file cut short by a kill is read as far as it is whole."""
 
+import functools
 import json
+import logging
 import statistics
 from pathlib import Path
 
 import yaml
 
+log = logging.getLogger(__name__)
 FINISHED = ("completed", "early_stopped")
 # The ranking's columns; test_<metric> columns, one per metric the runs' task reports, follow best_value
 COLUMNS = ["rank", "run", "overrides", "monitor", "best_value", "epochs", "wall_time_s", "status", "error"]
@@ -32,20 +35,33 @@ def png_size(data: bytes) -> tuple[int, int, int]:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The records of a .jsonl file; a line cut short by a kill, or no file, is skipped."""
+    """The records of a .jsonl file; no file is no record, and a line that is no whole record (cut short by a
+    kill) is skipped with a warning that says which."""
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_bytes().decode("utf-8", errors="replace").splitlines()
     except OSError:
         return []
-    records = []
-    for line in lines:
+    records, skipped = [], []
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except ValueError:
-            continue
+            record = None
         if isinstance(record, dict):
             records.append(record)
+        elif line.strip():
+            skipped.append(number)
+    if skipped:
+        _warn_skipped(str(path), tuple(skipped), len(lines))
     return records
+
+
+@functools.lru_cache(maxsize=None)  # once per file and cut: the plots and the page read the same file
+def _warn_skipped(path: str, numbers: tuple[int, ...], total: int) -> None:
+    which = f"line {numbers[0]}" if len(numbers) == 1 else f"lines {', '.join(map(str, numbers[:5]))}"
+    cut = " (the last, cut short: a killed run?)" if numbers == (total,) else ""
+    log.warning(f"{path}: skipped {which}{cut}, not a whole JSON record; what is drawn comes from the other "
+                f"{total - len(numbers)} line(s)")
 
 
 def read_overrides(folder: Path) -> list[str]:

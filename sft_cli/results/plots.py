@@ -2,6 +2,7 @@
 summary.json, test.json or eval.json, each run's overrides) into <folder>/plots/. Drawn at the end of every run
 and by sft-report; a killed run's partial files draw what there is, and missing data never raises."""
 
+import io
 import logging
 import math
 import re
@@ -12,6 +13,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from sft_cli import disk
+from sft_cli.errors import SFTError
 from sft_cli.results.folders import read_json, read_jsonl, sweep_runs
 
 log = logging.getLogger("sft_cli.plots")
@@ -108,8 +111,13 @@ def _save(draw, path: Path, *args) -> list[Path]:
         return []
     if fig is None:
         return []
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=DPI)
+    try:  # whole or not at all: a full disk leaves the previous plot, not half a PNG
+        path.parent.mkdir(parents=True, exist_ok=True)
+        disk.write_atomic(path, png.getvalue())
+    except OSError as e:
+        raise SFTError(f"the plot {disk.write_failed(path, e)}") from e
     return [path]
 
 

@@ -366,7 +366,12 @@ def _read_yaml(path: Path) -> dict:
 def _write(path: Path, title: str, sections: list[str]) -> Path:
     page = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{_e(title)}</title>\n'
             f"<style>{CSS}</style>\n</head>\n<body>\n<main>\n{''.join(sections)}</main>\n</body>\n</html>\n")
-    write_atomic(path, page)  # a browser open on the old page never reads half a file
+    try:
+        write_atomic(path, page)  # a browser open on the old page never reads half a file
+    except OSError as e:  # a full disk: say so, and where
+        from sft_cli.disk import write_failed
+
+        raise SFTError(f"the report {write_failed(path, e)}") from e
     return path
 
 
