@@ -74,3 +74,32 @@ def test_token_cross_entropy_predicts_the_next_token_on_learned_positions_only()
     expected = sum(torch.nn.functional.cross_entropy(logits[r, t][None], torch.tensor([y])) for r, t, y in pairs)
     assert learned == 4 and torch.allclose(summed, expected)
     assert correct == sum(int(logits[r, t].argmax() == y) for r, t, y in pairs)
+
+
+def test_logits_at_the_learned_positions_alone_give_the_full_logits_loss_and_gradients(tmp_path):
+    # a tiny Llama, long prompts and short answers, padding: the lm_head runs on 8 of 38 positions
+    from fixtures import write_tiny_llama
+
+    from sft_cli.models.hf import hf_causal_lm
+    from sft_cli.tasks.causal_lm.loss import TokenCrossEntropy
+
+    model = hf_causal_lm(str(write_tiny_llama(tmp_path / "llama")), dtype="float32")
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (2, 20))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs["attention_mask"][1, 16:] = 0  # row 1 is padded
+    labels = torch.full_like(ids, -100)
+    labels[0, 15:20], labels[1, 13:16] = ids[0, 15:20], ids[1, 13:16]
+    results = []
+    for learned_only in (False, True):
+        model.zero_grad()
+        logits = model(inputs, labels) if learned_only else (model(inputs), labels)
+        if learned_only:
+            assert logits[0].shape == (8, model.model.config.vocab_size)  # the 5 + 3 learned tokens
+        summed, tokens, correct = TokenCrossEntropy()(*logits)
+        summed.backward()
+        results.append((summed.detach(), tokens, correct, [p.grad.clone() for p in model.parameters()]))
+    (full, *full_counts, full_grads), (part, *part_counts, part_grads) = results
+    assert torch.allclose(part, full, rtol=1e-6, atol=0) and part_counts == full_counts
+    for a, b in zip(part_grads, full_grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -172,14 +172,38 @@ class CausalLM(nn.Module):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
 
-    def forward(self, inputs: dict) -> torch.Tensor:
-        return self.model(**inputs, use_cache=False).logits
+    def forward(self, inputs: dict, labels: torch.Tensor | None = None):
+        """The logits (batch, time, vocab); with `labels`, only those at the positions whose next token is
+        learned, with those tokens: ((n, vocab), (n,)). The output projection then runs on the n learned
+        positions alone, so a batch of long prompts and short answers never holds batch x time x vocab logits
+        (49k-wide for SmolLM2). Models that scale or cap their logits inside forward take the full path."""
+        if labels is None or _transforms_logits(self.model.config):
+            logits = self.model(**inputs, use_cache=False).logits
+            return logits if labels is None else next_token_positions(logits, labels)
+        hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state
+        hidden, targets = next_token_positions(hidden, labels)
+        return self.model.get_output_embeddings()(hidden), targets
 
     def save_extras(self, folder: Path) -> None:
         """The transformers config, generation config and tokenizer (with its chat template) in folder/hf."""
         self.model.config.save_pretrained(folder / "hf")
         self.model.generation_config.save_pretrained(folder / "hf")
         self.tokenizer.save_pretrained(folder / "hf")
+
+
+def next_token_positions(values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values at each position t whose label t+1 is learned (not -100), those labels): position t predicts
+    token t+1. values: (batch, time, ...), labels: (batch, time)."""
+    targets = labels[:, 1:]
+    learned = targets != -100
+    return values[:, :-1][learned], targets[learned]
+
+
+def _transforms_logits(config) -> bool:
+    """Whether the model changes its logits after the output projection (Gemma 2's soft-capping, Cohere's and
+    Granite's scaling), which the learned-positions path would skip."""
+    return any(getattr(config, key, None) not in (None, 1, 1.0)
+               for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from sft_cli.models.hf import next_token_positions
+
 
 class TokenCrossEntropy:
     """configs/loss/token_cross_entropy.yaml: next-token cross-entropy over the learned tokens of a causal LM
@@ -12,10 +14,12 @@ class TokenCrossEntropy:
         self.label_smoothing = label_smoothing
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(summed loss, learned tokens, correctly predicted tokens) of a batch; position t predicts token t+1."""
-        logits, labels = logits[:, :-1].float(), labels[:, 1:]
-        learned = labels != -100
-        summed = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                             reduction="sum", label_smoothing=self.label_smoothing)
-        correct = ((logits.argmax(-1) == labels) & learned).sum()
-        return summed, learned.sum(), correct
+        """(summed loss, learned tokens, correctly predicted tokens) of a batch. Either the logits of every
+        position (batch, time, vocab) and the labels (batch, time): position t predicts token t+1; or, as
+        CausalLM(inputs, labels) gives them, the logits at the learned positions alone (n, vocab) and the
+        tokens they predict (n,)."""
+        if logits.dim() == 3:
+            logits, labels = next_token_positions(logits, labels)
+        logits = logits.float()
+        summed = nn.functional.cross_entropy(logits, labels, reduction="sum", label_smoothing=self.label_smoothing)
+        return summed, labels.ne(-100).sum(), (logits.argmax(-1) == labels).sum()

@@ -66,7 +66,7 @@ class CausalLMTask:
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         inputs, labels = batch
-        summed, tokens, correct = self.criterion(model(inputs), labels)
+        summed, tokens, correct = self.criterion(*model(inputs, labels))  # logits at the learned positions only
         record = (summed.detach(), tokens, correct, len(labels), inputs["attention_mask"].sum())
         return summed, tokens, record  # the loop divides by the learned tokens of the whole step
 
