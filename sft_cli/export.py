@@ -6,6 +6,7 @@
 import contextlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def export(cfg: DictConfig) -> Path:
     _, model = restore.load_model(cfg, ckpt, torch.device("cpu"))
     existed = out.exists()  # an empty folder: kept if the export fails, a new one removed
     try:
-        return _write(cfg, ckpt, model, out, adapter, merge)
+        return _readable(_write(cfg, ckpt, model, out, adapter, merge))
     except (OSError, SafetensorError) as e:  # a full disk, a folder that refuses files
         _remove_partial(out, existed)
         raise SFTError(f"the export to {disk.write_failed(out, e)} What was written is removed; the checkpoint is "
@@ -95,6 +96,16 @@ def _write(cfg: DictConfig, ckpt: Path, model, out: Path, adapter: bool, merge: 
     auto = "AutoModelFor" + architecture.rpartition("For")[2]
     log.info(f"exported {'the base model with its adapter merged ' if adapter else ''}to {out}: transformers' "
              f"{auto}.from_pretrained('{out}') loads it")
+    return out
+
+
+def _readable(out: Path) -> Path:
+    """Give every exported file the mode a new file gets here (0644 under the usual umask): safetensors writes
+    its weights through a private temporary file (0600), which other users, or a server, could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (p for p in out.rglob("*") if p.is_file()):
+        path.chmod(0o666 & ~umask)
     return out
 
 

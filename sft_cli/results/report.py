@@ -313,6 +313,13 @@ def _class_table(details: dict, split: str) -> str:
     return _section(f"Per class ({split})", _table(["class", *columns], rows, set(range(1, len(columns) + 1))))
 
 
+def _prompt(rendered: str, question) -> str:
+    """The user's turn, with the whole prompt the model saw (template, system prompt) folded under it."""
+    if not isinstance(question, str):  # samples.jsonl written before the question was recorded
+        return f"<pre>{_e(rendered)}</pre>"
+    return f"<pre>{_e(question)}</pre><details><summary>full prompt</summary><pre>{_e(rendered)}</pre></details>"
+
+
 def _samples(samples: list[dict]) -> str:
     """Each sampled prompt's reference and greedy answers at the first and the last validation recorded."""
     epochs = sorted({s.get("epoch") for s in samples if isinstance(s.get("epoch"), int)})
@@ -321,12 +328,13 @@ def _samples(samples: list[dict]) -> str:
     first, last = epochs[0], epochs[-1]
     answers: dict[str, dict] = {}
     for s in samples:
-        answers.setdefault(str(s.get("prompt", "")), {"reference": s.get("reference")})[s.get("epoch")] = \
+        answers.setdefault(str(s.get("prompt", "")), {"reference": s.get("reference"),
+                                                       "question": s.get("question")})[s.get("epoch")] = \
             s.get("response")
     shown = [first] if first == last else [first, last]
     columns = ["prompt", "reference", "before training" if first == 0 else f"epoch {first}"]
     columns += [f"after (epoch {last})"] if last != first else []
-    rows = [[f"<pre>{_e(p)}</pre>", f"<pre>{_e(a['reference'])}</pre>"]
+    rows = [[_prompt(p, a["question"]), f"<pre>{_e(a['reference'])}</pre>"]
             + [_answer(a.get(e), a["reference"]) for e in shown] for p, a in answers.items()]
     return _section("Sampled answers (samples.jsonl)", _table(columns, rows))
 
