@@ -171,8 +171,9 @@ def test_collate_pads_right_and_keeps_the_eos_label_when_pad_is_eos(tmp_path, to
     eos = tok.eos_token_id
     assert splits.tokenizer.pad_token_id == eos
     items = [splits.train[0], splits.train[1]]
-    inputs, labels = splits.collate(items)
+    inputs, labels, counts = splits.collate(items)
     lengths = [len(item["input_ids"]) for item in items]
+    assert counts == {"examples": 2, "tokens": sum(lengths)}  # for tokens/s: the padding is not counted
     short = lengths.index(min(lengths))
     n, width = lengths[short], max(lengths)
     assert inputs["input_ids"].shape == inputs["attention_mask"].shape == labels.shape == (2, width)

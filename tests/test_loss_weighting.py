@@ -75,6 +75,30 @@ def test_two_ddp_processes_give_the_one_process_gradient(chat, whole_batch):
         assert max_relative_difference(recorded(chat / "ddp", rank=rank), whole_batch) < 1e-6
 
 
+def test_packed_rows_give_the_unpacked_gradient(chat, whole_batch):
+    # the 8 chats packed into rows of max_length tokens (positions restarting, the first label of each chat
+    # ignored): were a chat to attend to the one before it in its row, or be predicted from it, the gradient
+    # would differ
+    train_here([*chat_step(chat, "packed"), "trainer.batch_size=8", "dataset.packing=true"], chat / "run-packed")
+    assert max_relative_difference(recorded(chat / "packed"), whole_batch) < 1e-5
+
+
+def test_best_fit_decreasing_packs_every_example_once_into_rows_that_fit():
+    from sft_cli.tasks.causal_lm.chats import IGNORE, CausalCollate, PackedSequences, TokenSequences
+
+    lengths = [7, 3, 9, 2, 5, 5, 1, 8]
+    ids = [[100 * i + k for k in range(n)] for i, n in enumerate(lengths)]
+    packed = PackedSequences(TokenSequences(ids, [list(x) for x in ids]), capacity=10)
+    assert sorted(i for row in packed.rows for i in row) == list(range(8))
+    assert [sum(lengths[i] for i in row) for row in packed.rows] == [10, 10, 10, 10]  # 40 tokens in 4 full rows
+    assert len(packed) == 4 and packed.fill == 1.0
+    row = packed[0]
+    starts = [k for k, position in enumerate(row["position_ids"]) if position == 0]
+    assert all(row["labels"][k] == IGNORE for k in starts)  # never predicted from the example before
+    inputs, labels, counts = CausalCollate(0)([packed[r] for r in range(len(packed))])
+    assert "attention_mask" not in inputs and counts == {"examples": 8, "tokens": 40}
+
+
 def test_class_weighted_cross_entropy_is_the_same_whole_or_accumulated(tmp_path: Path):
     # short texts are "pos", long ones "neg"; grouped by length, micro-batches hold one class each, and class
     # weights 4 (neg) and 1 (pos) give them weights 8 and 2: a mean of their means would weigh a "pos" text 4x

@@ -50,7 +50,8 @@ def make_loader(splits: Splits, split: str, batch_size: int, options: LoaderOpti
     dataset, shuffle, ctx = getattr(splits, split), split == "train", options.ctx
     if hasattr(dataset, "loader"):
         return dataset.loader(batch_size, shuffle=shuffle, device=options.device, ctx=ctx, seed=options.seed)
-    # A last train batch of one sample would make BatchNorm fail, so it is dropped in that case only.
+    # A last train batch of one sample would make BatchNorm fail, so it is dropped in that case only (never the
+    # only batch: a split of one sample, e.g. a few examples packed into one row).
     # Workers are not persistent by default: fresh ones draw their seeds from the torch RNG each epoch, which
     # the checkpoint holds, so a resumed run sees the same augmentations as an uninterrupted one.
     common = {"num_workers": options.num_workers, "collate_fn": splits.collate,
@@ -66,9 +67,9 @@ def make_loader(splits: Splits, split: str, batch_size: int, options: LoaderOpti
             else distributed.EvalShard(len(dataset), ctx)
         size = len(sampler)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                          drop_last=shuffle and size % batch_size == 1, **common)
+                          drop_last=shuffle and size % batch_size == 1 and size > 1, **common)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                      drop_last=shuffle and len(dataset) % batch_size == 1, **common)
+                      drop_last=shuffle and len(dataset) % batch_size == 1 and len(dataset) > 1, **common)
 
 
 def set_epoch(loader, epoch: int) -> None:

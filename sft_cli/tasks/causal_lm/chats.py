@@ -73,32 +73,80 @@ class TokenSequences(Dataset):
         return TokenSequences([self.input_ids[i] for i in indices], [self.labels[i] for i in indices])
 
 
+class PackedSequences(Dataset):
+    """Examples packed into rows of at most `capacity` tokens, by best-fit decreasing (longest first, each into
+    the fullest row it still fits): {"input_ids", "labels", "position_ids", "examples"} per row. Positions
+    restart at each example, which is how transformers' attention (SDPA, eager, flash) tells the examples
+    of a row apart: its mask becomes block-diagonal causal when no attention_mask is given. The first label of
+    each example is IGNORE, so no token is predicted from the example before it."""
+
+    def __init__(self, examples: TokenSequences, capacity: int):
+        self.examples = examples
+        order = sorted(range(len(examples)), key=lambda i: -len(examples.input_ids[i]))
+        rows: list[list[int]] = []
+        free: list[int] = []  # tokens left in each row
+        for i in order:
+            n = len(examples.input_ids[i])
+            fits = [r for r in range(len(rows)) if free[r] >= n]
+            if fits:
+                best = min(fits, key=free.__getitem__)
+                rows[best].append(i)
+                free[best] -= n
+            else:
+                rows.append([i])
+                free.append(capacity - n)
+        self.rows = rows
+        self.fill = 1 - sum(free) / max(capacity * len(rows), 1)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, r: int) -> dict[str, list[int]]:
+        input_ids, labels, positions = [], [], []
+        for i in self.rows[r]:
+            ids = self.examples.input_ids[i]
+            input_ids += ids
+            labels += [IGNORE] + list(self.examples.labels[i][1:])
+            positions += range(len(ids))
+        return {"input_ids": input_ids, "labels": labels, "position_ids": positions, "examples": len(self.rows[r])}
+
+
 class CausalCollate:
     """A DataLoader collate_fn: right-pads a batch to its longest sequence, giving ({input_ids, attention_mask},
-    labels) LongTensors with IGNORE on the padding. Labels come from the items, never from input_ids == pad,
-    so an EOS that is also the pad token is still learned. A class, so workers can pickle it."""
+    labels, counts) with IGNORE labels on the padding; counts: {examples, tokens} (not padding). Labels come
+    from the items, never from input_ids == pad, so an EOS that is also the pad token is still learned. Packed
+    rows (PackedSequences) get position_ids instead of an attention_mask; their padding continues the last
+    example's positions, so no real token attends to it. A class, so workers can pickle it."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
-    def __call__(self, batch: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def __call__(self, batch: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, int]]:
         width = max(len(item["input_ids"]) for item in batch)
+        packed = "position_ids" in batch[0]
         input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
         for row, item in enumerate(batch):
             n = len(item["input_ids"])
             input_ids[row, :n] = torch.tensor(item["input_ids"], dtype=torch.long)
             labels[row, :n] = torch.tensor(item["labels"], dtype=torch.long)
-            attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}, labels
+            if packed:
+                mask[row, :n] = torch.tensor(item["position_ids"], dtype=torch.long)
+                mask[row, n:] = torch.arange(width - n) + (mask[row, n - 1] + 1)
+            else:
+                mask[row, :n] = 1
+        counts = {"examples": sum(item.get("examples", 1) for item in batch),
+                  "tokens": sum(len(item["input_ids"]) for item in batch)}
+        inputs = {"input_ids": input_ids, "position_ids" if packed else "attention_mask": mask}
+        return inputs, labels, counts
 
 
 def chat_files(train_file: str, tokenizer: str, val_file: str | None = None, test_file: str | None = None,
                format: str = "auto", fields: dict | None = None, max_length: int = 1024,
                val_size: float = 0.05, split_seed: int = 0, skip_bad_rows: bool = False,
                train_on_prompt: bool = False, chat_template: str | None = None, group_by_length: bool = False,
-               cache_dir: str | None = None) -> ChatSplits:
+               cache_dir: str | None = None, packing: bool = False) -> ChatSplits:
     """Your chat or instruction files: validation is `val_file` or a random `val_size` carved from train;
     every example is tokenized once (cached), truncated to `max_length` and labelled to learn its responses
     (every assistant turn), or everything with `train_on_prompt`."""
@@ -147,8 +195,12 @@ def chat_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
         skipped["dataset.test_file"] = bad + test_counts["skipped_rows"]
     samples = [_prompt_and_response(row[1], fmt) for row in val_rows[:4]]
     counts["examples"] = len(train)
+    if packing:  # the training split only: validation scores the same examples either way
+        train = PackedSequences(train, max_length)
+        log.info(f"packing: {counts['examples']} training examples in {len(train)} rows of up to {max_length} "
+                 f"tokens ({train.fill:.0%} full)")
     return ChatSplits(train, val, test, [], [], CausalCollate(tok.pad_token_id),
-                      [len(ids) for ids in train.input_ids] if group_by_length else None,
+                      [len(ids) for ids in train.input_ids] if group_by_length and not packing else None,
                       {key: n for key, n in skipped.items() if n},
                       tokenizer=tok, prompt_format=prompt_format,
                       sample_prompts=[_render(tok, prompt_format, fmt, p) for p, _ in samples],

@@ -17,6 +17,7 @@ from torch import nn
 from sft_cli import config
 from sft_cli.errors import SFTError
 from sft_cli.task import Splits
+from sft_cli.tasks.causal_lm.chats import PackedSequences
 from sft_cli.tasks.causal_lm.metrics import TokenWindow
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class CausalLMTask:
             raise SFTError(f"task=causal_lm needs chat or instruction data (dataset=chat_files), not "
                            f"<{dataset._target_}>: set dataset=chat_files dataset.train_file=..., or task=classification")
         self.prompt_format, self.tokenizer = splits.prompt_format, splits.tokenizer
+        self.packed = isinstance(splits.train, PackedSequences)
         self.sample_prompts = splits.sample_prompts[:self.samples]
         self.sample_references = splits.sample_references[:self.samples]
         self.sample_questions = splits.sample_questions[:self.samples]
@@ -59,15 +61,17 @@ class CausalLMTask:
         built = config.build(model, **({} if pretrained else {"weights": None}))
         if self.tokenizer is not None:
             built.tokenizer = self.tokenizer  # checkpoints (hf/) then hold the chat template training used
+        if getattr(self, "packed", False):
+            _check_packing(built, model.get("name_or_path"))
         return built
 
     def set_loss(self, loss: DictConfig, splits: Splits, model: nn.Module) -> None:
         self.criterion = config.build(loss)
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-        inputs, labels = batch
+        inputs, labels, counts = batch
         summed, tokens, correct = self.criterion(*model(inputs, labels))  # logits at the learned positions only
-        record = (summed.detach(), tokens, correct, len(labels), inputs["attention_mask"].sum())
+        record = (summed.detach(), tokens, correct, counts["examples"], counts["tokens"])
         return summed, tokens, record  # the loop divides by the learned tokens of the whole step
 
     def window(self, device: torch.device) -> TokenWindow:
@@ -96,3 +100,20 @@ class CausalLMTask:
         )
 
         return predict(cfg, out_dir)
+
+
+def _check_packing(model: nn.Module, name: str) -> None:
+    """dataset.packing=true relies on the model's attention keeping packed examples apart by their positions
+    (transformers' causal mask does, for the models that build it with create_causal_mask). Check it on two
+    short sequences: the second, packed after the first, must get the logits it gets alone."""
+    lm, was_training = model.model, model.training
+    ids = torch.arange(3, 11).remainder(lm.config.vocab_size - 3).add(3)[None]  # 8 ordinary token ids
+    model.eval()
+    with torch.no_grad():
+        alone = lm(input_ids=ids[:, 4:], use_cache=False).logits
+        packed = lm(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]), use_cache=False).logits
+    model.train(was_training)
+    if not torch.allclose(packed[:, 4:], alone, atol=1e-4, rtol=1e-4):
+        raise SFTError(f"dataset.packing=true: model {name} lets packed examples attend to each other (its "
+                       "attention ignores the restarting positions), which would train on wrong contexts. Set "
+                       "dataset.packing=false (dataset.group_by_length=true also saves most padding).")
