@@ -35,6 +35,7 @@ def train_main() -> None:
     """sft-train (and `torchrun ... -m sft_cli.cli`)."""
     argv = sys.argv[1:]
     _refuse_unquoted(argv)
+    _refuse_unknown_options(argv)
     _refuse_bare_train(argv)
     _refuse_used_run_dir(argv, "sft-train")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -59,6 +60,7 @@ def eval_main() -> None:
     """sft-eval: the checkpoint's own config.yaml is put under the eval options before Hydra composes, so
     any key of the training run can be overridden as `key=value` (dataset.root=..., trainer.device=...)."""
     _refuse_unquoted(sys.argv[1:])
+    _refuse_unknown_options(sys.argv[1:])
     _refuse_used_run_dir(sys.argv[1:], "sft-eval")
     _store_checkpoint_config(sys.argv[1:])
     _claim_run_dir(sys.argv[1:])
@@ -69,6 +71,7 @@ def predict_main() -> None:
     """sft-predict: like sft-eval, composed over the checkpoint's own config."""
     sys.argv = [_quote_text(a) for a in sys.argv]
     _refuse_unquoted(sys.argv[1:])
+    _refuse_unknown_options(sys.argv[1:])
     _refuse_used_run_dir(sys.argv[1:], "sft-predict")
     _store_checkpoint_config(sys.argv[1:])
     _claim_run_dir(sys.argv[1:])
@@ -87,6 +90,26 @@ def _quote_text(arg: str) -> str:
     # inside Hydra's quotes only backslashes before a quote (or at the end) are escapes
     value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
     return f"{key}='{value}'"
+
+
+def _refuse_unknown_options(argv: list[str]) -> None:
+    """`group=option` (also +group=, a sweep's a,b and a list's [a,b]) naming no file of configs/<group>/ is
+    refused with the options there. Hydra says it too, but ends with its config search path, below the
+    options, where a user reads last."""
+    import difflib
+
+    root = Path(config.find_config_dir())
+    for arg in argv:
+        key, sep, value = arg.lstrip("+").partition("=")
+        if not sep or arg.startswith(("-", "~")) or "." in key or "/" in key or "(" in value or "$" in value:
+            continue  # not a group choice, or Hydra's own groups, sweep functions, interpolations
+        options = sorted(path.stem for path in (root / key).glob("*.yaml")) if (root / key).is_dir() else []
+        for name in (n for n in re.split(r"[\s,\[\]'\"]+", value) if n and n != "null"):
+            if options and name not in options:
+                near = difflib.get_close_matches(name, options, n=1)
+                _fail(SFTError(f"{arg}: configs/{key}/ has no option {name!r}"
+                               + (f" (did you mean {key}={near[0]}?)" if near else "")
+                               + f". The options of {key}: {', '.join(options)}"))
 
 
 def _refuse_unquoted(argv: list[str]) -> None:
@@ -111,6 +134,7 @@ def _refuse_unquoted(argv: list[str]) -> None:
 def export_main() -> None:
     """sft-export: a transformers checkpoint as a save_pretrained() folder."""
     _refuse_unquoted(sys.argv[1:])
+    _refuse_unknown_options(sys.argv[1:])
     _store_checkpoint_config(sys.argv[1:])
     _export()
 

@@ -22,7 +22,7 @@ def refused(result, *expected: str) -> None:
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    (["optimizer=rmsprop"], ["optimizer/rmsprop", "adamw"]),                      # bad group option: lists options
+    (["optimizer=rmsprop"], ["has no option 'rmsprop'", "The options of optimizer: adam, adamw, sgd"]),  # lists them
     (["trainer.epochs=3"], ["trainer.epochs", "Key 'epochs' not in"]),            # unknown key
     (["trainer.max_epochs=ten"], ["trainer.max_epochs", "could not be converted to Integer"]),  # wrong type
     (["optimizer.lr=fast", "trainer.precision=fp16", "resume=/no/such/run"],  # all problems at once
@@ -36,6 +36,16 @@ def refused(result, *expected: str) -> None:
 ])
 def test_config_mistakes(tmp_path: Path, overrides, expected):
     refused(run_cli("sft-train", *FAST, *overrides, cwd=tmp_path), *expected)
+
+
+@pytest.mark.parametrize("args", [["+experiment=nope"], [*FAST, "optimizer=adamw2"], ["-m", *FAST, "freeze=none,head_olny"]])
+def test_an_unknown_group_option_ends_with_the_options_that_exist(tmp_path: Path, args):
+    result = run_cli("sft-train", *args, cwd=tmp_path)
+    refused(result, "has no option")
+    last = [line for line in result.output.splitlines() if line.strip()][-1]
+    assert "The options of" in last and "Config search path" not in result.output, result.output[-1500:]
+    if "optimizer=adamw2" in args:
+        assert "did you mean optimizer=adamw?" in last
 
 
 @pytest.mark.parametrize("kwargs,expected", [
