@@ -1,7 +1,8 @@
 """sft-eval: evaluate a checkpoint on the test (or val) split of its dataset, from the checkpoint alone.
 
 Writes eval.json (the task's metrics and details: for a classifier accuracy, macro-F1, per-class
-precision/recall/F1 and the confusion matrix) into its own output folder, never into the checkpoint's.
+precision/recall/F1 and the confusion matrix) into its own output folder, never into the checkpoint's; for a
+language model also answers.jsonl (each judged prompt, its reference, the generated answer and its scores).
 """
 
 import json
@@ -41,12 +42,18 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> dict:
     task.set_loss(cfg.loss, splits, model)
     batch = cfg.trainer.eval_batch_size or 2 * cfg.trainer.batch_size
     options = loading.LoaderOptions(device, cfg.trainer.num_workers)
-    result = evaluate(task, model, loading.make_loader(splits, cfg.split, batch, options), device, cfg.trainer.precision)
+    loader = loading.make_loader(splits, cfg.split, batch, options)
+    result = evaluate(task, model, loader, device, cfg.trainer.precision, cfg.split)
+    answers = result.pop("answers", None)  # a language model's judged answers: a file of their own
 
     samples = len(getattr(splits, cfg.split))
     report = {"checkpoint": str(ckpt.resolve()), "split": cfg.split, "samples": samples, **info, **result}
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
-    console.print_key_values(f"{cfg.split} split of {ckpt}", {k: result[k] for k in task.metrics}
+    if answers is not None:
+        with open(out_dir / "answers.jsonl", "w") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in answers)
+        log.info(f"wrote {out_dir / 'answers.jsonl'}: {len(answers)} answers beside their references")
+    console.print_key_values(f"{cfg.split} split of {ckpt}", {k: result[k] for k in task.metrics if k in result}
                              | {"samples": samples})
     if "classes" in info:
         console.print_class_report(info["classes"], result)

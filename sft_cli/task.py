@@ -57,7 +57,7 @@ class Window(Protocol):
 
 
 class Task(Protocol):
-    metrics: tuple[str, ...]  # what read() reports; trainer.monitor is val/<one of these>
+    metrics: tuple[str, ...]  # what read() (and judge()) report; trainer.monitor is val/<one of these>
     # optional, False when absent: the loop scores the untrained model once (an epoch-0 val row) as a baseline
     validate_before_training: bool
 
@@ -89,6 +89,13 @@ class Task(Protocol):
     def generate_samples(self, model: nn.Module) -> list[dict]:
         """What the model makes of a few validation inputs, written to samples.jsonl before training and at each
         validation (a language model's greedy answers); [] when the metrics say it all (classifiers)."""
+
+    def judge(self, model: nn.Module, split: str) -> dict:
+        """Metrics of what the model generates for the split's ("val" or "test") inputs, computed after the window
+        at every evaluation and merged into its result: a language model's answers compared with the references
+        (exact_match, json_valid, ...: metric names, also in `metrics`), with details such as the answers. {} for
+        a task whose window says it all, and for a validation it skips (the loop then leaves those metrics out
+        of that validation's record and judges no improvement on them). Every DDP process calls it."""
 
     def predict(self, cfg: DictConfig, out_dir) -> list[dict]:
         """sft-predict for a checkpoint of this task."""

@@ -187,7 +187,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     test = None
     if splits.test is not None:
         details = test_best(run, model, splits, state, loading.make_loader(splits, "test", eval_batch, options))
-        test = {k: details[k] for k in (*task.metrics, "samples")}
+        test = {k: details[k] for k in (*task.metrics, "samples") if k in details}
         if ctx.is_main:  # per-class scores and the confusion matrix, for reports
             (run_dir / "test.json").write_text(json.dumps({**task.info(), **details}, indent=2))
     summary = {"name": cfg.name, "status": "early_stopped" if _out_of_patience(t, state) else "completed",
@@ -271,8 +271,8 @@ def _check_something_trains(model: nn.Module, epoch: int, cfg: DictConfig) -> No
     if not any(p.requires_grad for p in model.parameters()):
         policy = config.option_of("freeze", cfg.freeze._target_)
         raise SFTError(f"nothing trains in epoch {epoch + 1}: freeze={policy} leaves only stages whose own weights "
-                       "adapter=lora keeps frozen (a language model's lm_head). Use freeze=none or freeze=lower with "
-                       "adapters, or adapter=none.")
+                       f"adapter=lora keeps frozen (a language model's lm_head). Drop freeze={policy} (freeze=none or "
+                       f"freeze=lower work with adapters), or keep it with adapter=none.")
 
 
 def _frozen_stages(policy, model: nn.Module, epoch: int) -> list[str]:
@@ -402,16 +402,17 @@ def _check_finite(value: float, step: int, optimizer) -> None:
 def validate(run: Run, learner: Learner, loader, state: TrainState, row: dict) -> bool:
     """Evaluate on the validation split, update the best value and the patience count, record the metrics
     (metrics.jsonl, and the epoch's `row` for metrics.csv); return whether the monitored metric improved."""
-    t, names = run.cfg.trainer, run.task.metrics
-    val = evaluate(run.task, learner.model, loader, run.device, t.precision)
-    value = val[t.monitor.split("/", 1)[1]]
-    if isinstance(learner.scheduler, ReduceLROnPlateau):
+    t = run.cfg.trainer
+    val = evaluate(run.task, learner.model, loader, run.device, t.precision, "val")
+    names = [k for k in run.task.metrics if k in val]  # a task may judge some only every few validations
+    value = val.get(t.monitor.split("/", 1)[1])
+    if isinstance(learner.scheduler, ReduceLROnPlateau) and value is not None:
         learner.scheduler.step(value)
     sign = 1 if config.mode_of(t) == "max" else -1
-    improved = state.best is None or sign * (value - state.best) > 0
+    improved = value is not None and (state.best is None or sign * (value - state.best) > 0)
     if improved:
         state.best, state.best_epoch, state.bad_validations, state.best_result = value, state.epoch, 0, val
-    else:
+    elif value is not None:  # not measured this time: neither better nor worse
         state.bad_validations += 1
     run.files.record({"epoch": state.epoch, "step": state.step, "split": "val",
                       **{k: val[k] for k in (*names, "samples_per_s")}, "lr": row["lr"],
@@ -427,8 +428,8 @@ def validate(run: Run, learner: Learner, loader, state: TrainState, row: dict) -
 def validate_untrained(run: Run, model: nn.Module, loader, lr: float) -> dict:
     """Record the validation metrics of the model before any step (epoch 0) in metrics.jsonl: the baseline
     the report and the plots show beside the trained model's. It is not a checkpoint, so never `best`."""
-    val = evaluate(run.task, model, loader, run.device, run.cfg.trainer.precision)
-    names = run.task.metrics
+    val = evaluate(run.task, model, loader, run.device, run.cfg.trainer.precision, "val")
+    names = [k for k in run.task.metrics if k in val]
     run.files.record({"epoch": 0, "step": 0, "split": "val", **{k: val[k] for k in (*names, "samples_per_s")},
                       "lr": lr, "elapsed": time.perf_counter() - run.started})
     log.info("before training: val " + " ".join(f"{k} {val[k]:.4f}" for k in names))
@@ -446,7 +447,7 @@ def test_best(run: Run, model: nn.Module, splits: Splits, state: TrainState, loa
         if run.ctx.is_main:
             checkpoint.load_weights(run.run_dir / "checkpoints" / "best", model)
         distributed.broadcast_module(model, run.ctx)
-    return evaluate(run.task, model, loader, run.device, run.cfg.trainer.precision)
+    return evaluate(run.task, model, loader, run.device, run.cfg.trainer.precision, "test")
 
 
 def write_samples(run: Run, model: nn.Module, state: TrainState) -> None:
@@ -462,11 +463,12 @@ def write_samples(run: Run, model: nn.Module, state: TrainState) -> None:
 
 
 def _shown(row: dict, prefix: str, names: tuple[str, ...]) -> str:
-    return " ".join(f"{name} {row[prefix + name]:.4f}" for name in names)
+    return " ".join(f"{name} {row[prefix + name]:.4f}" for name in names if prefix + name in row)
 
 
-def evaluate(task: Task, model: nn.Module, loader, device: torch.device, precision: str) -> dict:
-    """The task's metrics of `model` over `loader`, with its details (per-class scores, confusion matrix)."""
+def evaluate(task: Task, model: nn.Module, loader, device: torch.device, precision: str, split: str) -> dict:
+    """The task's metrics of `model` over `loader` (the `split` split), with its details (per-class scores,
+    confusion matrix), then what the task judges of the model's generated outputs (task.judge)."""
     model.eval()
     start = time.perf_counter()
     window = task.window(device)
@@ -474,7 +476,9 @@ def evaluate(task: Task, model: nn.Module, loader, device: torch.device, precisi
         for batch in loader:
             window.add(task.loss(model, loading.to_device(batch, device))[2])
     result = window.read()
-    return result | window.details() | {"samples_per_s": result["samples"] / (time.perf_counter() - start)}
+    result |= window.details() | {"samples_per_s": result["samples"] / (time.perf_counter() - start)}
+    with torch.inference_mode(), runtime.autocast(device, precision):
+        return result | task.judge(model, split)
 
 
 def base_lr(optimizer) -> float:

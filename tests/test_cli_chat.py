@@ -77,6 +77,56 @@ def test_eval_on_a_held_out_file_reports_loss_perplexity_and_token_accuracy(chat
                "hydra.run.dir=ev", cwd=chat_run))
     report = read_json(chat_run / "ev" / "eval.json")
     assert report["samples"] == 40 and report["token_accuracy"] > 0.9 and report["loss"] < 1.5
+    # and the generated answers, judged: the first task.generate_samples (16) test prompts, each in answers.jsonl
+    answers = [json.loads(line) for line in (chat_run / "ev" / "answers.jsonl").read_text().splitlines()]
+    held_out = chat_rows(40, seed=7)[:16]
+    assert [a["prompt"] for a in answers] == [r["messages"][-2]["content"] for r in held_out]
+    assert [a["reference"] for a in answers] == [r["messages"][-1]["content"] for r in held_out]
+    assert set(answers[0]) == {"prompt", "reference", "answer", "exact_match", "contains", "json_valid", "ends_turn"}
+    assert report["exact_match"] == sum(a["exact_match"] for a in answers) / 16 >= 0.5
+    assert report["ends_turn"] == 1.0 and report["json_valid"] == 0.0 and "answers" not in report
+    assert all(a["exact_match"] == (a["answer"] == a["reference"]) for a in answers)  # lower-case colours
+
+
+def shorter_than(prompt: str, answer: str, reference: str, words: int = 2) -> bool:
+    """A user's own answer metric (task.answer_metrics.short): the answer has fewer than `words` words."""
+    return len(answer.split()) < words
+
+
+def test_the_generated_answers_are_val_metrics_rising_from_epoch_0(chat_run: Path):
+    rows = [json.loads(line) for line in (chat_run / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r["split"] == "val"]
+    assert [r["epoch"] for r in val] == [0, 1, 2, 3, 4]
+    assert val[0]["exact_match"] == val[0]["ends_turn"] == 0.0  # random weights: no answer, never an end of turn
+    assert val[-1]["exact_match"] >= 0.5 and val[-1]["contains"] >= val[-1]["exact_match"] and val[-1]["ends_turn"] == 1
+    assert all("exact_match" not in r for r in rows if r["split"] == "train")  # judged on validation only
+    header = (chat_run / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val_exact_match", "val_contains", "val_json_valid", "val_ends_turn"} <= set(header)
+
+
+def test_monitor_val_exact_match_picks_the_best_checkpoint_judged_every_second_validation(tmp_path: Path, caplog,
+                                                                                          monkeypatch):
+    write_tiny_llama(tmp_path / "tiny-llama")
+    write_jsonl(tmp_path / "chats.jsonl", chat_rows(300, seed=1))
+    args = [*chat_args(tmp_path), "trainer.monitor=val/exact_match", "task.generate_every_n_validations=2",
+            "task.generate_samples=10", "task.samples=0", "+task.answer_metrics.short._target_=test_cli_chat.shorter_than"]
+    with caplog.at_level("INFO"):
+        best = train_offline([*args, "trainer.max_epochs=4"], "run", cwd=tmp_path)
+    assert "val: 10 answers generated in" in caplog.text  # the cost, in the log at each judged validation
+    val = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in val if r["split"] == "val"]
+    judged = {r["epoch"]: r["exact_match"] for r in val if "exact_match" in r}
+    assert list(judged) == [0, 2, 4] and all("loss" in r for r in val)  # epochs 1 and 3: the loss alone
+    assert all(r["short"] == 1.0 for r in val if r["epoch"] == 4)  # a colour: one word
+    summary = read_json(tmp_path / "run" / "summary.json")
+    assert best == summary["best_value"] == max(judged.values()) > 0
+    assert summary["best_epoch"] == max(judged, key=judged.get)
+    meta = read_json(tmp_path / "run" / "checkpoints" / "best" / "meta.json")
+    assert meta["epoch"] == summary["best_epoch"] and meta["best"] == best and meta["monitor"] == "val/exact_match"
+    # resume keeps the best value: a finished run resumed has nothing left to train and reports the same best
+    monkeypatch.setenv("SFT_CLI_ALLOW_TARGETS", "test_cli_chat.shorter_than")  # the checkpoint names the metric
+    again = train_offline([*args, "trainer.max_epochs=4", "resume=run/checkpoints/last"], "again", cwd=tmp_path)
+    assert again == best and read_json(tmp_path / "again" / "summary.json")["best_epoch"] == summary["best_epoch"]
 
 
 def test_predict_answers_one_prompt_and_a_file_the_same_way(chat_run: Path):

@@ -125,6 +125,18 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def shard_and_gather(items: list, work) -> list:
+    """work(items[rank::world]) on each process (a list, one result per item), gathered once into the order of
+    `items` on every process: each item is worked on exactly once overall. work(items) in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return work(items)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = [None] * len(items)
+    for r, done in enumerate(all_gather_objects(work(items[rank::world]))):
+        out[r::world] = done
+    return out
+
+
 def wrap(model: nn.Module, device: torch.device, ctx: Context) -> nn.Module:
     """The module to train: `model` itself in one process, else a DDP wrapper over its trainable parameters.
     Call again whenever requires_grad changes (gradual unfreezing): DDP fixes its buckets when built."""

@@ -54,6 +54,9 @@ class ChatSplits(Splits):
     sample_prompts: list[str] = field(default_factory=list)  # up to 4 rendered validation prompts
     sample_references: list[str] = field(default_factory=list)  # their reference responses
     sample_questions: list[str] = field(default_factory=list)  # their last user turns, as written (for reports)
+    # "val" / "test": each example's (parsed prompt part, reference response), in split order: what the task's
+    # generated-answer metrics render (prompt_texts) and answer; rendered only for the examples judged
+    references: dict[str, list[tuple]] = field(default_factory=dict)
     counts: dict = field(default_factory=dict)  # train file: examples (train split), truncated, dropped, skipped_rows
 
 
@@ -185,14 +188,17 @@ def chat_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
         val_rows = [train_rows[kept[i]] for i in held_out]
         train, val = train.subset(keep), train.subset(held_out)
     test = None
+    references = {"val": [_prompt_and_response(row[1], fmt) for row in val_rows]}
     same = "test_file" in files and "val_file" in files and \
         files["test_file"][0].resolve() == files["val_file"][0].resolve()
     if same:
         test = val  # one file: the recipe then evaluates it once (train.test_best)
+        references["test"] = references["val"]
     elif "test_file" in files:
         path, _, rows, bad = files["test_file"]
-        test, _, test_counts = _tokenized(path, rows, how)
+        test, test_kept, test_counts = _tokenized(path, rows, how)
         skipped["dataset.test_file"] = bad + test_counts["skipped_rows"]
+        references["test"] = [_prompt_and_response(rows[i][1], fmt) for i in test_kept]
     samples = [_prompt_and_response(row[1], fmt) for row in val_rows[:4]]
     counts["examples"] = len(train)
     if packing:  # the training split only: validation scores the same examples either way
@@ -205,7 +211,8 @@ def chat_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
                       tokenizer=tok, prompt_format=prompt_format,
                       sample_prompts=[_render(tok, prompt_format, fmt, p) for p, _ in samples],
                       sample_references=[r for _, r in samples], counts=counts,
-                      sample_questions=[_convert(p, fmt, "prompt_completion")["prompt"] for p, _ in samples])
+                      sample_questions=[_convert(p, fmt, "prompt_completion")["prompt"] for p, _ in samples],
+                      references=references)
 
 
 def _fields(fields: dict | None) -> dict[str, str]:
@@ -435,6 +442,14 @@ def _render(tok, prompt_format: dict, fmt: str, prompt) -> str:
     if fmt == "alpaca" and not prompt["input"].strip():
         template = prompt_format["prompt_template_no_input"]
     return template.format(**prompt)
+
+
+def prompt_texts(tok, prompt_format: dict, prompt) -> tuple[str, str]:
+    """(rendered, question) of a parsed prompt part (ChatSplits.references): the text generation continues,
+    rendered as training rendered it, and the question as written (the last user turn, the prompt, or the
+    instruction and its input)."""
+    fmt = prompt_format["format"]
+    return _render(tok, prompt_format, fmt, prompt), _convert(prompt, fmt, "prompt_completion")["prompt"]
 
 
 def encode(tok, text: str) -> list[int]:

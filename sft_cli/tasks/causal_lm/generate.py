@@ -68,13 +68,19 @@ def option_problems(max_new_tokens: int, temperature: float, top_p: float, batch
 def generate(model, tokenizer, prompts: list[str], options: GenerationOptions) -> list[str]:
     """The answer to each prompt (only the new text, special tokens removed, stripped), in prompt order.
     `model` is a transformers causal LM; its device is where generation runs."""
+    return [text for text, _ in generate_ended(model, tokenizer, prompts, options)]
+
+
+def generate_ended(model, tokenizer, prompts: list[str], options: GenerationOptions) -> list[tuple[str, bool]]:
+    """generate()'s answers, each with whether it ended (EOS or an end-of-turn token among its new tokens) within
+    options.max_new_tokens, rather than being cut there."""
     # Tokenized as training tokenized the same text: BOS added unless the text starts with it (a chat template
     # writes BOS itself, Llama 3 / Gemma / Mistral), so it is never doubled; Qwen-like tokenizers add none.
     encoded = [chats.encode(tokenizer, p) for p in prompts]
     # Similar lengths share a batch (less padding); answers go back to prompt order at the end.
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     pad_with_eos(tokenizer)  # as training padded
-    answers, stops = [""] * len(prompts), stop_ids(model, tokenizer)
+    answers, stops = [("", False)] * len(prompts), stop_ids(model, tokenizer)
     device = next(model.parameters()).device
     for start in range(0, len(order), options.batch_size):
         batch = order[start:start + options.batch_size]
@@ -90,7 +96,7 @@ def generate(model, tokenizer, prompts: list[str], options: GenerationOptions) -
                                 pad_token_id=tokenizer.pad_token_id, **sampling)
         new = output[:, input_ids.shape[1]:]  # every row starts with the same padded prompt length
         for i, ids in zip(batch, new.tolist()):
-            answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip(), not set(stops).isdisjoint(ids)
     return answers
 
 

@@ -4,7 +4,8 @@ Data come from chats.chat_files (messages, prompt/completion or alpaca files, re
 template or a plain prompt format, labels masked to the response tokens), the model from
 models.hf.hf_causal_lm, the loss from configs/loss/token_cross_entropy.yaml (loss.py). It reports the token-weighted loss,
 perplexity and next-token accuracy on the learned tokens, and answers a few validation prompts greedily at
-each validation (samples.jsonl), so progress can be read, not only measured.
+each validation (samples.jsonl), so progress can be read, not only measured. With task.generate_samples > 0 it
+also judges the answers (judge: exact_match, json_valid, ... of answers.py), val metrics like the loss.
 """
 
 import logging
@@ -17,21 +18,41 @@ from torch import nn
 from sft_cli import config
 from sft_cli.errors import SFTError
 from sft_cli.task import Splits
+from sft_cli.tasks.causal_lm import answers, chats
 from sft_cli.tasks.causal_lm.chats import PackedSequences
 from sft_cli.tasks.causal_lm.metrics import TokenWindow
+from sft_cli.training import distributed
 
 log = logging.getLogger(__name__)
+
+LOSS_METRICS = ("loss", "perplexity", "token_accuracy")  # what the window reports
 
 
 class CausalLMTask:
     """Next-token loss on the response tokens; the prompt format is what a checkpoint needs besides its config."""
 
     predict_example = 'prompt="..."'  # what sft-train suggests after a run
-    metrics = ("loss", "perplexity", "token_accuracy")
+    # every metric the task can report (what a sweep checks trainer.monitor against before its runs are built);
+    # an instance lists those its config reports: the answer metrics only with generate_samples > 0
+    metrics = (*LOSS_METRICS, *answers.BUILT_IN, "regex", "json_match")
 
-    def __init__(self, samples: int = 4, sample_tokens: int = 64, validate_before_training: bool = True):
+    def __init__(self, samples: int = 4, sample_tokens: int = 64, validate_before_training: bool = True,
+                 generate_samples: int = 16, generate_every_n_validations: int = 1, generate_batch_size: int = 16,
+                 answer_regex: str | None = None, answer_json_keys: list[str] | None = None,
+                 answer_metrics: dict | None = None):
         self.samples, self.sample_tokens = samples, sample_tokens
         self.validate_before_training = validate_before_training
+        for key, value, least in (("generate_samples", generate_samples, 0), ("generate_batch_size", generate_batch_size, 1),
+                                  ("generate_every_n_validations", generate_every_n_validations, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise SFTError(f"task.{key}={value!r} must be a whole number, at least {least}"
+                               + (" (0: no generated-answer metrics)" if least == 0 else ""))
+        self.judged_samples, self.generate_every = generate_samples, generate_every_n_validations
+        self.generate_batch_size = generate_batch_size
+        self.answer_metrics = answers.AnswerMetrics(answer_regex, answer_json_keys, answer_metrics)
+        self.metrics = (*LOSS_METRICS, *self.answer_metrics.names) if generate_samples else LOSS_METRICS
+        self.validations = 0  # val splits judged or skipped so far: every generate_every_n_validations-th is judged
+        self.references: dict[str, list[tuple]] = {}
         self.prompt_format: dict | None = None
         self.tokenizer = None  # the data's tokenizer, its chat template set to the one the data were rendered with
         self.sample_prompts: list[str] = []
@@ -49,6 +70,7 @@ class CausalLMTask:
         self.sample_prompts = splits.sample_prompts[:self.samples]
         self.sample_references = splits.sample_references[:self.samples]
         self.sample_questions = splits.sample_questions[:self.samples]
+        self.references = splits.references
         return splits
 
     def info(self) -> dict:
@@ -93,6 +115,45 @@ class CausalLMTask:
         log.info(f"samples.jsonl: {len(responses)} answers in {time.perf_counter() - start:.1f} s")
         return [{"prompt": p, "question": q, "reference": r, "response": a}
                 for p, q, r, a in zip(self.sample_prompts, self.sample_questions, self.sample_references, responses)]
+
+    def judge(self, model: nn.Module, split: str) -> dict:
+        """The generated-answer metrics (answers.py) of the first task.generate_samples examples of `split`, on
+        every generate_every_n_validations-th validation (the first: before training) and every test, with
+        `answers` (a row per example: prompt, reference, answer and its scores) and `generate_s` as details; {}
+        otherwise. Greedy, batched and left-padded as sft-predict; under DDP each process answers its share
+        and the answers are gathered once, so every process returns the same."""
+        if not self.judged_samples:
+            return {}
+        if split == "val":
+            count, self.validations = self.validations, self.validations + 1
+            if count % self.generate_every:
+                return {}
+        items = self.references.get(split, [])[:self.judged_samples]
+        if not items:
+            return {}
+        from sft_cli.tasks.causal_lm.generate import GenerationOptions, generate_ended
+
+        options = GenerationOptions(max_new_tokens=self.sample_tokens, temperature=0.0,
+                                    batch_size=self.generate_batch_size)
+        texts = [chats.prompt_texts(self.tokenizer, self.prompt_format, prompt) for prompt, _ in items]
+        model.eval()
+        start = time.perf_counter()
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # resume stays bitwise
+            generated = distributed.shard_and_gather(
+                [rendered for rendered, _ in texts],
+                lambda prompts: generate_ended(model.model, model.tokenizer, prompts, options))
+        seconds = time.perf_counter() - start
+        rows = []
+        for (_, question), (_, reference), (answer, ended) in zip(texts, items, generated):
+            item = answers.Answer(question, answer, reference, ended)
+            rows.append({"prompt": question, "reference": reference, "answer": answer,
+                         **self.answer_metrics.scores(item)})
+        means = self.answer_metrics.means(rows)
+        log.info(f"{split}: {len(rows)} answers generated in {seconds:.2f} s (up to {self.sample_tokens} new tokens "
+                 f"each; task.generate_samples={self.judged_samples}, 0 turns this off): "
+                 + " ".join(f"{k} {v:.3f}" for k, v in means.items()))
+        return {**means, "answers": rows, "generate_s": seconds}
 
     def predict(self, cfg: DictConfig, out_dir) -> list[dict]:
         from sft_cli.tasks.causal_lm.generate import (
