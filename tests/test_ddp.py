@@ -99,3 +99,41 @@ def test_window_sums_over_processes_in_one_process_are_copies_the_window_reset_l
     assert torch.equal(total_a, a) and torch.equal(total_b, b) and total_b.dtype == b.dtype
     a.zero_(), b.zero_()  # the metrics zero their window sums in place after reading the totals
     assert total_a.item() == 2.0 and torch.equal(total_b, torch.arange(4))  # fails if a total is an input or a view
+
+
+
+def _answer_in_a_group(rank: int, world: int, port: int, cases: list[list], out: str) -> None:
+    """One of `world` gloo processes: shard_and_gather over each case's items, recording what this rank worked on."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results = []
+    for items in cases:
+        mine = []
+
+        def work(shard):
+            mine.extend(shard)
+            return [f"answer to {item} by {rank}" for item in shard]
+
+        results.append({"worked": mine, "gathered": distributed.shard_and_gather(items, work)})
+    Path(out, f"{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def test_generated_answers_are_shared_out_and_gathered_once_in_order_on_every_process(tmp_path: Path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cases = [list(range(7)), ["a", "b"]]  # 7 items over 3 processes; 2: one process has none
+    mp.spawn(_answer_in_a_group, args=(3, port, cases, str(tmp_path)), nprocs=3)
+    ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(3)]
+    for k, items in enumerate(cases):
+        worked = sorted(str(item) for results in ranks for item in results[k]["worked"])
+        assert worked == sorted(str(item) for item in items)  # each item answered exactly once overall
+        expected = [f"answer to {item} by {i % 3}" for i, item in enumerate(items)]
+        assert all(results[k]["gathered"] == expected for results in ranks)  # in order, on every process
+        assert distributed.shard_and_gather(items, lambda shard: [f"{x}!" for x in shard]) == [f"{x}!" for x in items]
