@@ -338,6 +338,40 @@ def test_a_bad_record_is_an_error_with_path_and_line_or_is_skipped_and_counted(t
     assert splits.counts["skipped_rows"] == 2 and splits.counts["examples"] == 2
 
 
+def test_sharegpt_conversations_are_messages_with_human_gpt_and_system_roles(tmp_path, tokenizer, tok):
+    sharegpt = {"conversations": [{"from": "system", "value": "You are a helpful assistant."},
+                                  {"from": "human", "value": "What is two plus two?"},
+                                  {"from": "gpt", "value": "Two plus two is four."}], "id": "x1"}
+    same = chat((SYSTEM, "You are a helpful assistant."), (USER, "What is two plus two?"),
+                (ASSISTANT, "Two plus two is four."))
+    (tmp_path / "a").mkdir()
+    read, expected = build(tmp_path / "a", tokenizer, [sharegpt]), build(tmp_path, tokenizer, [same])
+    assert read.prompt_format["format"] == "messages" and read.train[0] == expected.train[0]
+    assert read.references["val"] == expected.references["val"]  # answered and judged the same way
+    assert render_prompt(read.tokenizer, read.prompt_format, sharegpt) == expected.sample_prompts[0]
+    bad = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Blue."}]}
+    with pytest.raises(SFTError, match=r"train\.jsonl:2: the record has a message 1 whose 'from' is 'bot'"):
+        build(tmp_path, tokenizer, [sharegpt, bad])
+
+
+def test_openai_messages_keep_role_and_content_and_tool_turns_are_bad_rows(tmp_path, tokenizer, tok):
+    named = {"messages": [{"role": "user", "content": "Hi there", "name": "ann"},
+                          {"role": "assistant", "content": "Blue.", "name": "bot", "weight": 1}]}
+    plain = chat((USER, "Hi there"), (ASSISTANT, "Blue."))
+    (tmp_path / "a").mkdir()
+    assert build(tmp_path / "a", tokenizer, [named]).train[0] == build(tmp_path, tokenizer, [plain]).train[0]
+    call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]}
+    tool_call = {"messages": [{"role": "user", "content": "Hi"}, call]}
+    tool_turn = {"messages": [{"role": "user", "content": "Hi"}, {**call, "content": "Let me look."},
+                              {"role": "tool", "tool_call_id": "1", "content": "blue"},
+                              {"role": "assistant", "content": "Blue."}]}
+    for record, problem in ((tool_call, "an assistant message 1 that only calls tools"),
+                            (tool_turn, "a message 2 with the role 'tool': tool turns are not supported")):
+        with pytest.raises(SFTError, match=rf"train\.jsonl:2: the record has {problem}.*skip_bad_rows=true"):
+            build(tmp_path, tokenizer, [plain, record])
+    assert build(tmp_path, tokenizer, [plain, tool_call, tool_turn], skip_bad_rows=True).counts["skipped_rows"] == 2
+
+
 def test_missing_fields_in_plain_layouts_are_bad_rows(tmp_path, tokenizer):
     with pytest.raises(SFTError, match=r"train\.jsonl:2: the record has no completion: no 'completion'"):
         build(tmp_path, tokenizer, [{"prompt": "a", "completion": "b"}, {"prompt": "a"}])

@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("messages", "prompt_completion", "alpaca")
 ROLES = ("system", "user", "assistant")
+# ShareGPT records ({"conversations": [{"from": "human", "value": ...}, ...]}, as LLaMA-Factory and axolotl
+# read them) are messages under other names: read as such when a record has no `messages` field
+SHAREGPT = {"messages": "conversations", "role": "from", "content": "value"}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # and "system"
+TOOL_ROLES = ("tool", "function", "ipython", "observation", "function_call")  # turns sft-cli does not train on
 FIELDS = {"messages": "messages", "role": "role", "content": "content", "prompt": "prompt",
           "completion": "completion", "instruction": "instruction", "input": "input", "output": "output"}
 IGNORE = -100  # the label of a token that is not learned (torch's cross_entropy ignore_index)
@@ -256,7 +261,7 @@ def _layout(record: dict, fields: dict) -> str | None:
     for fmt, key in (("messages", "messages"), ("prompt_completion", "prompt"), ("alpaca", "instruction")):
         if fields[key] in record:
             return fmt
-    return None
+    return "messages" if SHAREGPT["messages"] in record else None
 
 
 def _string(record: dict, key: str, what: str, optional: bool = False) -> tuple[str | None, str | None]:
@@ -292,6 +297,11 @@ def _parse(record: dict, fmt: str, fields: dict, response: bool = True) -> tuple
 
 
 def _parse_messages(record: dict, fields: dict, response: bool) -> tuple[str | None, list | None]:
+    """Each message's role and content, nothing else: OpenAI-style `name`, `tool_calls`, `function_call`,
+    `tool_call_id` (and any other key) are ignored; a tool turn, or an assistant turn that only calls tools,
+    is a bad record (sft-cli learns text replies)."""
+    if fields["messages"] not in record and SHAREGPT["messages"] in record:
+        fields = {**fields, **SHAREGPT}
     messages = record.get(fields["messages"])
     if fields["messages"] not in record:
         return f"has no '{fields['messages']}' among its fields {list(record)} (set dataset.fields.messages)", None
@@ -302,9 +312,19 @@ def _parse_messages(record: dict, fields: dict, response: bool) -> tuple[str | N
         if not isinstance(message, dict):
             return f"has a message {i} that is a JSON {type(message).__name__}, not an object", None
         role = message.get(fields["role"])
+        role = SHAREGPT_ROLES.get(role, role) if fields["role"] == SHAREGPT["role"] else role
+        if role in TOOL_ROLES:
+            return (f"has a message {i} with the role {role!r}: tool turns are not supported (sft-cli learns text "
+                    "replies; tool calls and their results are left out). Remove the tool turns from this record, "
+                    "or set dataset.skip_bad_rows=true"), None
         if role not in ROLES:
             return (f"has a message {i} whose '{fields['role']}' is {role!r}, not one of: {', '.join(ROLES)} "
                     f"(set dataset.fields.role if the role is under another key)"), None
+        if role == "assistant" and message.get(fields["content"]) is None and \
+                (message.get("tool_calls") or message.get("function_call")):
+            return (f"has an assistant message {i} that only calls tools (no '{fields['content']}'): tool calls are "
+                    "not supported (sft-cli learns text replies). Remove the tool turns from this record, or set "
+                    "dataset.skip_bad_rows=true"), None
         problem, content = _string(message, fields["content"], "content")
         if problem:
             return f"has a message {i} that {problem}", None
