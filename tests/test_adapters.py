@@ -166,7 +166,7 @@ def test_a_kill_within_an_epoch_resumes_lora_training_bitwise(tmp_path: Path):
     (["adapter=none", "resume=run"], ["trained with adapter=lora adapter.r=8, and the config now has adapter=none"]),
     # values with which LoRA trains nothing
     (["adapter.alpha=0"], ["adapter.alpha=0 must be a number > 0", "alpha=0 changes nothing"]),
-    (["freeze=head_only"], ["nothing trains in epoch 1: freeze=head_only leaves only stages", "freeze=none"]),
+    (["freeze=head_only"], ["nothing trains in epoch 1: freeze=head_only leaves only stages", "Drop freeze=head_only"]),
 ])
 def test_lora_mistakes_are_one_message_naming_the_keys(chat_lora: Path, overrides, expected):
     # in-process: the SFTError that sft-train prints, as the subprocess tests of the other mistakes show
