@@ -109,10 +109,14 @@ def test_monitor_val_exact_match_picks_the_best_checkpoint_judged_every_second_v
     write_tiny_llama(tmp_path / "tiny-llama")
     write_jsonl(tmp_path / "chats.jsonl", chat_rows(300, seed=1))
     args = [*chat_args(tmp_path), "trainer.monitor=val/exact_match", "task.generate_every_n_validations=2",
-            "task.generate_samples=10", "task.samples=0", "+task.answer_metrics.short._target_=test_cli_chat.shorter_than"]
+            "task.generate_samples=10", "task.samples=2", "+task.answer_metrics.short._target_=test_cli_chat.shorter_than"]
     with caplog.at_level("INFO"):
         best = train_offline([*args, "trainer.max_epochs=4"], "run", cwd=tmp_path)
-    assert "val: 10 answers generated in" in caplog.text  # the cost, in the log at each judged validation
+    assert caplog.text.count("val: 10 answers generated in") == 3  # the cost, in the log at each judged validation
+    # samples.jsonl reuses a judged validation's answers: its 2 prompts are generated apart only at epochs 1, 3
+    assert caplog.text.count("answering 2 validation prompts") == 2
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [s["epoch"] for s in samples] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     val = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in val if r["split"] == "val"]
     judged = {r["epoch"]: r["exact_match"] for r in val if "exact_match" in r}

@@ -53,6 +53,7 @@ class CausalLMTask:
         self.metrics = (*LOSS_METRICS, *self.answer_metrics.names) if generate_samples else LOSS_METRICS
         self.validations = 0  # val splits judged or skipped so far: every generate_every_n_validations-th is judged
         self.references: dict[str, list[tuple]] = {}
+        self.answered: dict[str, str] = {}  # rendered val prompt -> the answer the last validation judged
         self.prompt_format: dict | None = None
         self.tokenizer = None  # the data's tokenizer, its chat template set to the one the data were rendered with
         self.sample_prompts: list[str] = []
@@ -102,17 +103,22 @@ class CausalLMTask:
     def generate_samples(self, model: nn.Module) -> list[dict]:
         """Greedy answers to the first validation prompts: {prompt (as rendered), question (the last user turn),
         reference, response} each."""
+        answered, self.answered = self.answered, {}
         if not self.sample_prompts:
             return []
-        from sft_cli.tasks.causal_lm.generate import GenerationOptions, generate
+        if all(p in answered for p in self.sample_prompts):  # judged by this validation: the same greedy answers
+            responses = [answered[p] for p in self.sample_prompts]
+        else:
+            from sft_cli.tasks.causal_lm.generate import GenerationOptions, generate
 
-        options = GenerationOptions(max_new_tokens=self.sample_tokens, temperature=0.0, batch_size=len(self.sample_prompts))
-        model.eval()
-        log.info(f"answering {len(self.sample_prompts)} validation prompts (up to {self.sample_tokens} new tokens "
-                 "each; task.samples=0 skips this) ...")
-        start = time.perf_counter()
-        responses = generate(model.model, model.tokenizer, self.sample_prompts, options)
-        log.info(f"samples.jsonl: {len(responses)} answers in {time.perf_counter() - start:.1f} s")
+            options = GenerationOptions(max_new_tokens=self.sample_tokens, temperature=0.0,
+                                        batch_size=len(self.sample_prompts))
+            model.eval()
+            log.info(f"answering {len(self.sample_prompts)} validation prompts (up to {self.sample_tokens} new "
+                     "tokens each; task.samples=0 skips this) ...")
+            start = time.perf_counter()
+            responses = generate(model.model, model.tokenizer, self.sample_prompts, options)
+            log.info(f"samples.jsonl: {len(responses)} answers in {time.perf_counter() - start:.1f} s")
         return [{"prompt": p, "question": q, "reference": r, "response": a}
                 for p, q, r, a in zip(self.sample_prompts, self.sample_questions, self.sample_references, responses)]
 
@@ -122,6 +128,8 @@ class CausalLMTask:
         `answers` (a row per example: prompt, reference, answer and its scores) and `generate_s` as details; {}
         otherwise. Greedy, batched and left-padded as sft-predict; under DDP each process answers its share
         and the answers are gathered once, so every process returns the same."""
+        if split == "val":
+            self.answered = {}
         if not self.judged_samples:
             return {}
         if split == "val":
@@ -144,6 +152,8 @@ class CausalLMTask:
                 [rendered for rendered, _ in texts],
                 lambda prompts: generate_ended(model.model, model.tokenizer, prompts, options))
         seconds = time.perf_counter() - start
+        if split == "val":  # generate_samples, called next for samples.jsonl, reuses them
+            self.answered = {rendered: answer for (rendered, _), (answer, _) in zip(texts, generated)}
         rows = []
         for (_, question), (_, reference), (answer, ended) in zip(texts, items, generated):
             item = answers.Answer(question, answer, reference, ended)
