@@ -99,3 +99,25 @@ def test_a_metric_that_returns_no_number_is_an_error_naming_it():
         metrics.scores(Answer("q", "a", "r", True))
     assert "task.answer_metrics.mine failed on the answer 'a'" in str(error.value)
     assert "return a number or a bool" in str(error.value)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("generate_samples", -1, "task.generate_samples=-1 must be a whole number, at least 0 (0: no generated-answer"),
+    ("generate_every_n_validations", 0, "task.generate_every_n_validations=0 must be a whole number, at least 1"),
+    ("generate_batch_size", 2.5, "task.generate_batch_size=2.5 must be a whole number, at least 1"),
+])
+def test_the_tasks_generation_keys_are_checked_when_it_is_built(key, value, expected):
+    from sft_cli.tasks.causal_lm.task import CausalLMTask
+
+    with pytest.raises(SFTError) as error:
+        CausalLMTask(**{key: value})
+    assert expected in str(error.value)
+
+
+def test_the_answer_metrics_are_the_tasks_metrics_only_when_answers_are_generated():
+    from sft_cli.tasks.causal_lm.task import CausalLMTask
+
+    assert CausalLMTask().metrics == ("loss", "perplexity", "token_accuracy", *answers.BUILT_IN)
+    assert CausalLMTask(generate_samples=0).metrics == ("loss", "perplexity", "token_accuracy")
+    assert CausalLMTask(answer_regex="x", answer_json_keys=["a"]).metrics[-2:] == ("regex", "json_match")
+    assert set(CausalLMTask(answer_regex="x").metrics) <= set(CausalLMTask.metrics)  # what a sweep checks against
