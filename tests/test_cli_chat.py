@@ -86,6 +86,10 @@ def test_eval_on_a_held_out_file_reports_loss_perplexity_and_token_accuracy(chat
     assert report["exact_match"] == sum(a["exact_match"] for a in answers) / 16 >= 0.5
     assert report["ends_turn"] == 1.0 and report["json_valid"] == 0.0 and "answers" not in report
     assert all(a["exact_match"] == (a["answer"] == a["reference"]) for a in answers)  # lower-case colours
+    page = (chat_run / "ev" / "report.html").read_text()  # the wrong ones, as a table in the report
+    wrong = [a for a in answers if not a["exact_match"]]
+    assert f"Wrong answers: {len(wrong)} of 16 not an exact match" in page
+    assert all(f"<pre>{html.escape(a['prompt'])}</pre>" in page for a in wrong)
 
 
 def shorter_than(prompt: str, answer: str, reference: str, words: int = 2) -> bool:

@@ -71,7 +71,8 @@ def eval_report(out_dir: Path) -> Path:
                          _section("Scores", _key_values([("checkpoint", str(checkpoint)),
                                                          ("split", report.get("split"))] + list(metrics.items())))),
                 _section("Plots", _figures(plots)),
-                _class_table(report, str(report.get("split", "test")))]
+                _class_table(report, str(report.get("split", "test"))),
+                _wrong_answers(read_jsonl(out_dir / "answers.jsonl"))]
     return _write(out_dir / "report.html", "sft-eval report", sections)
 
 
@@ -337,6 +338,20 @@ def _samples(samples: list[dict]) -> str:
     rows = [[_prompt(p, a["question"]), f"<pre>{_e(a['reference'])}</pre>"]
             + [_answer(a.get(e), a["reference"]) for e in shown] for p, a in answers.items()]
     return _section("Sampled answers (samples.jsonl)", _table(columns, rows))
+
+
+def _wrong_answers(answers: list[dict]) -> str:
+    """A language model's judged answers (answers.jsonl) that are not an exact match, beside their references
+    and the scores of every metric."""
+    wrong = [a for a in answers if a.get("exact_match") != 1.0]
+    if not answers:
+        return ""
+    scores = [k for k in answers[0] if k not in ("prompt", "reference", "answer")]
+    rows = [[f"<pre>{_e(a.get('prompt'))}</pre>", f"<pre>{_e(a.get('reference'))}</pre>",
+             _answer(a.get("answer"), a.get("reference"))] + [_e(_format(a.get(k))) for k in scores] for a in wrong]
+    title = f"Wrong answers: {len(wrong)} of {len(answers)} not an exact match (answers.jsonl)"
+    return _section(title, _table(["prompt", "reference", "answer", *scores], rows, set(range(3, 3 + len(scores))))
+                    if wrong else "<p>every judged answer is an exact match</p>\n")
 
 
 def _answer(response, reference) -> str:
