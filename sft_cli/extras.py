@@ -1,5 +1,5 @@
 """The command that installs an optional extra (peft, tensorboard, ...). PyPI's `sft-cli` is another project,
-so `pip install "sft-cli[peft]"` would install a stranger's package: a checkout is named by its folder
+so asking pip for this project by name would install a stranger's package: a checkout is named by its folder
 (pip install -e "<checkout>[peft]"), an installed wheel by the extra's own requirements."""
 
 from importlib import metadata

@@ -427,8 +427,10 @@ def validate(run: Run, learner: Learner, loader, state: TrainState, row: dict) -
 
 def validate_untrained(run: Run, model: nn.Module, loader, lr: float) -> dict:
     """Record the validation metrics of the model before any step (epoch 0) in metrics.jsonl: the baseline
-    the report and the plots show beside the trained model's. It is not a checkpoint, so never `best`."""
-    val = evaluate(run.task, model, loader, run.device, run.cfg.trainer.precision, "val")
+    the report and the plots show beside the trained model's. It is not a checkpoint, so never `best`. The
+    RNG is left as it was (a DataLoader draws its workers' seeds from it): training is the same either way."""
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        val = evaluate(run.task, model, loader, run.device, run.cfg.trainer.precision, "val")
     names = [k for k in run.task.metrics if k in val]
     run.files.record({"epoch": 0, "step": 0, "split": "val", **{k: val[k] for k in (*names, "samples_per_s")},
                       "lr": lr, "elapsed": time.perf_counter() - run.started})

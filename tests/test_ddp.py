@@ -51,10 +51,11 @@ def test_two_processes_learn_like_one_and_leave_one_set_of_artefacts(one_and_two
     train_losses = [r["loss"] for r in records(two) if r["split"] == "train"]
     assert train_losses[-1] < train_losses[0]  # the two-process training loss went down
 
-    # One writer: one record per logging interval and per validation, one checkpoint per epoch
+    # One writer: one record per logging interval (and at each epoch's end) and per validation, one checkpoint
+    # per epoch
     recs = records(two)
     assert [r["step"] for r in recs if r["split"] == "val"] == [11, 22]
-    assert [r["step"] for r in recs if r["split"] == "train"] == [10, 20]
+    assert [r["step"] for r in recs if r["split"] == "train"] == [10, 11, 20, 22]
     assert (two / "checkpoints" / "last").resolve().name == "step-00000022"
     assert len(list((two / "checkpoints").glob("step-*"))) <= 2  # last and best
     assert "launching DDP" in (two / "train.log").read_text()

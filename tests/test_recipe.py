@@ -23,7 +23,8 @@ def run_epoch(model, batches, accumulate, precision="32", clip=None):
     scheduler = optim.constant(optimizer, num_training_steps=100, steps_per_epoch=10)
     scaler = torch.amp.GradScaler("cpu", enabled=precision == "16-mixed")
     trainer = {"accumulate_grad_batches": accumulate, "gradient_clip_norm": clip, "log_every_n_steps": 1,
-               "precision": precision, "progress_bar": False, "max_steps": None, "checkpoint_every_n_steps": None}
+               "max_epochs": 1, "precision": precision, "progress_bar": False, "max_steps": None,
+               "checkpoint_every_n_steps": None}
     task = Classification()
     task.classes = ["a", "b", "c"]
     task.criterion = loss.CrossEntropy(label_smoothing=0.0, class_weights=None, extra=None, train_targets=[0, 1, 2],
