@@ -138,3 +138,23 @@ def test_generated_answers_are_shared_out_and_gathered_once_in_order_on_every_pr
         expected = [f"answer to {item} by {i % 3}" for i, item in enumerate(items)]
         assert all(results[k]["gathered"] == expected for results in ranks)  # in order, on every process
         assert distributed.shard_and_gather(items, lambda shard: [f"{x}!" for x in shard]) == [f"{x}!" for x in items]
+
+
+@pytest.mark.slow  # a torchrun of 2 processes: ~40 s
+def test_two_processes_judge_the_same_answers_as_one(tmp_path: Path):
+    from fixtures import chat_rows, write_tiny_llama
+    from test_cli_chat import chat_args, write_jsonl
+
+    write_tiny_llama(tmp_path / "tiny-llama")
+    write_jsonl(tmp_path / "chats.jsonl", chat_rows(300, seed=1))
+    args = [*chat_args(tmp_path), "trainer.max_epochs=1", "trainer.device=cpu", "task.generate_samples=11",
+            "dataset.test_file=chats.jsonl"]
+    train_offline(args, "one", cwd=tmp_path)
+    ok(run_cli("sft-train", *args, "trainer.devices=2", "hydra.run.dir=two", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}))
+    answers = ("exact_match", "contains", "json_valid", "ends_turn")
+    one, two = ([r for r in records(tmp_path / run) if r["split"] == "val"] for run in ("one", "two"))
+    assert [r["epoch"] for r in two] == [0, 1]  # rank 0 alone writes: one record per validation
+    assert {k: one[0][k] for k in answers} == {k: two[0][k] for k in answers}  # the same untrained answers
+    tests = [read_json(tmp_path / run / "test.json") for run in ("one", "two")]
+    assert len(tests[0]["answers"]) == len(tests[1]["answers"]) == 11  # 6 + 5 answers gathered, none twice
+    assert [a["prompt"] for a in tests[0]["answers"]] == [a["prompt"] for a in tests[1]["answers"]]  # in order
