@@ -95,6 +95,21 @@ def test_an_answer_ends_at_the_end_of_turn_token_and_at_eos(model, tokenizer, st
         handle.remove()
 
 
+def test_an_answer_says_whether_it_ended_its_turn_or_was_cut_at_max_new_tokens(model, tokenizer):
+    # steered as above: "good", then the end of turn at the second step, then "bad" for ever
+    steps = iter(["good", "<|im_end|>"])
+    handle = model.lm_head.register_forward_hook(
+        lambda module, args, out: out.index_add(-1, torch.tensor([tokenizer.convert_tokens_to_ids(next(steps, "bad"))]),
+                                                torch.full((*out.shape[:-1], 1), 1e4)))
+    try:
+        ended = gen.generate_ended(model, tokenizer, [chat("hello")], GenerationOptions(max_new_tokens=5))
+        steps = iter(["good", "good"])  # the end of turn would come third: 2 new tokens cut it off
+        cut = gen.generate_ended(model, tokenizer, [chat("hello")], GenerationOptions(max_new_tokens=2))
+    finally:
+        handle.remove()
+    assert ended == [("good", True)] and cut == [("good good", False)]  # ends_turn 1, then 0
+
+
 def test_stop_ids_hold_eos_and_the_end_of_turn_token(model, tokenizer):
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert set(gen.stop_ids(model, tokenizer)) == {tokenizer.eos_token_id, end_of_turn}
