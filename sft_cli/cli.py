@@ -59,23 +59,25 @@ def _join_torchrun(argv: list[str]) -> None:
 def eval_main() -> None:
     """sft-eval: the checkpoint's own config.yaml is put under the eval options before Hydra composes, so
     any key of the training run can be overridden as `key=value` (dataset.root=..., trainer.device=...)."""
-    _refuse_unquoted(sys.argv[1:])
-    _refuse_unknown_options(sys.argv[1:])
-    _refuse_used_run_dir(sys.argv[1:], "sft-eval")
-    _store_checkpoint_config(sys.argv[1:])
-    _claim_run_dir(sys.argv[1:])
+    _prepare_checkpoint_command(sys.argv[1:], "sft-eval")
     _eval()
 
 
 def predict_main() -> None:
     """sft-predict: like sft-eval, composed over the checkpoint's own config."""
     sys.argv = [_quote_text(a) for a in sys.argv]
-    _refuse_unquoted(sys.argv[1:])
-    _refuse_unknown_options(sys.argv[1:])
-    _refuse_used_run_dir(sys.argv[1:], "sft-predict")
-    _store_checkpoint_config(sys.argv[1:])
-    _claim_run_dir(sys.argv[1:])
+    _prepare_checkpoint_command(sys.argv[1:], "sft-predict")
     _predict()
+
+
+def _prepare_checkpoint_command(argv: list[str], command: str) -> None:
+    """What sft-eval and sft-predict check and set up before Hydra starts: the command line's grammar and
+    group options, a run folder that is free, the checkpoint's config under the command's, the folder's claim."""
+    _refuse_unquoted(argv)
+    _refuse_unknown_options(argv)
+    _refuse_used_run_dir(argv, command)
+    _store_checkpoint_config(argv)
+    _claim_run_dir(argv)
 
 
 QUOTED = ("text", "prompt")  # free text: handed to Hydra as one quoted string
