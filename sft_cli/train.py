@@ -308,11 +308,12 @@ def train_one_epoch(run: Run, learner: Learner, loader, state: TrainState) -> di
     batches, epoch_rng = _epoch_batches(run, loader, state, (window, epoch_totals))
     step_weight = 0.0  # the weight of the summed losses backpropagated since the last optimizer step
     epoch_start = time.perf_counter()
-    total_steps = min(t.max_steps or math.inf, math.ceil(len(loader) / accumulate) * t.max_epochs)
+    step_limit = t.max_steps or math.inf
+    total_steps = min(step_limit, math.ceil(len(loader) / accumulate) * t.max_epochs)
     # outside a terminal (a log file, CI, nohup) a line every log_every_n_steps steps instead of the bar
     lines = console.StepLines(total_steps, state.step) if ctx.is_main and not console.draws_bars() else None
     with console.progress_bar(t.progress_bar and ctx.is_main) as bar:
-        batches_left = min(len(loader), state.batch + ((t.max_steps or math.inf) - state.step) * accumulate)
+        batches_left = min(len(loader), state.batch + (step_limit - state.step) * accumulate)
         bar_id = bar.add_task(f"epoch {state.epoch + 1}", total=batches_left, completed=state.batch, info="") \
             if bar else None
         for i, batch in enumerate(batches, start=state.batch):
@@ -332,7 +333,7 @@ def train_one_epoch(run: Run, learner: Learner, loader, state: TrainState) -> di
             state.step, state.batch = state.step + 1, i + 1
             if bar:
                 bar.advance(bar_id, i + 1 - i // accumulate * accumulate)  # the step's micro-batches
-            last = state.step >= (t.max_steps or math.inf) or i + 1 == len(loader)
+            last = state.step >= step_limit or i + 1 == len(loader)
             if state.step % t.log_every_n_steps == 0 or last:  # and the epoch's last steps, however few
                 record = {"epoch": state.epoch + 1, "step": state.step, "split": "train", **window.read(),
                           "lr": base_lr(learner.optimizer), "elapsed": time.perf_counter() - run.started}
@@ -344,7 +345,7 @@ def train_one_epoch(run: Run, learner: Learner, loader, state: TrainState) -> di
                 if lines:
                     log.info(lines.line(record))
                 window = task.window(device)
-            if state.step >= (t.max_steps or math.inf):
+            if state.step >= step_limit:
                 break
             if every and state.step % every == 0 and i + 1 < len(loader) and ctx.is_main:
                 within = {"epoch_rng": epoch_rng, "windows": [w.state_dict() for w in (window, epoch_totals)]}
@@ -414,9 +415,7 @@ def validate(run: Run, learner: Learner, loader, state: TrainState, row: dict) -
         state.best, state.best_epoch, state.bad_validations, state.best_result = value, state.epoch, 0, val
     elif value is not None:  # not measured this time: neither better nor worse
         state.bad_validations += 1
-    run.files.record({"epoch": state.epoch, "step": state.step, "split": "val",
-                      **{k: val[k] for k in (*names, "samples_per_s")}, "lr": row["lr"],
-                      "elapsed": time.perf_counter() - run.started})
+    _record_val(run, val, names, state.epoch, state.step, row["lr"])
     row.update({f"val_{k}": val[k] for k in names})
     write_samples(run, learner.model, state)
     log.info(f"epoch {state.epoch}/{t.max_epochs}  train {_shown(row, 'train_', names)} | "
@@ -432,10 +431,14 @@ def validate_untrained(run: Run, model: nn.Module, loader, lr: float) -> dict:
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         val = evaluate(run.task, model, loader, run.device, run.cfg.trainer.precision, "val")
     names = [k for k in run.task.metrics if k in val]
-    run.files.record({"epoch": 0, "step": 0, "split": "val", **{k: val[k] for k in (*names, "samples_per_s")},
-                      "lr": lr, "elapsed": time.perf_counter() - run.started})
+    _record_val(run, val, names, 0, 0, lr)
     log.info("before training: val " + " ".join(f"{k} {val[k]:.4f}" for k in names))
     return {k: val[k] for k in names}
+
+
+def _record_val(run: Run, val: dict, names: list[str], epoch: int, step: int, lr: float) -> None:
+    run.files.record({"epoch": epoch, "step": step, "split": "val", **{k: val[k] for k in (*names, "samples_per_s")},
+                      "lr": lr, "elapsed": time.perf_counter() - run.started})
 
 
 def test_best(run: Run, model: nn.Module, splits: Splits, state: TrainState, loader) -> dict:

@@ -10,6 +10,7 @@ tokens of the prompt alone (the conversation up to an assistant turn, with the g
 prefix of the whole sequence's tokens, and the tokens after them, up to the end of the turn, are learned.
 """
 
+import bisect
 import json
 import logging
 from dataclasses import dataclass, field
@@ -92,19 +93,19 @@ class PackedSequences(Dataset):
         self.examples = examples
         order = sorted(range(len(examples)), key=lambda i: -len(examples.input_ids[i]))
         rows: list[list[int]] = []
-        free: list[int] = []  # tokens left in each row
+        room: list[tuple[int, int]] = []  # (tokens left, row), ascending: the best fit is found by bisection
         for i in order:
             n = len(examples.input_ids[i])
-            fits = [r for r in range(len(rows)) if free[r] >= n]
-            if fits:
-                best = min(fits, key=free.__getitem__)
-                rows[best].append(i)
-                free[best] -= n
+            k = bisect.bisect_left(room, (n, -1))  # the fullest row with n tokens left
+            if k < len(room):
+                left, r = room.pop(k)
+                rows[r].append(i)
+                bisect.insort(room, (left - n, r))
             else:
                 rows.append([i])
-                free.append(capacity - n)
+                bisect.insort(room, (capacity - n, len(rows) - 1))
         self.rows = rows
-        self.fill = 1 - sum(free) / max(capacity * len(rows), 1)
+        self.fill = 1 - sum(left for left, _ in room) / max(capacity * len(rows), 1)
 
     def __len__(self) -> int:
         return len(self.rows)
