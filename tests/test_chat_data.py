@@ -106,10 +106,10 @@ def test_single_turn_chat_learns_the_answer_and_its_end_of_turn_only(tmp_path, t
     record = chat((USER, "Hi there, how are you?"), (ASSISTANT, "Hello friend, I am fine."))
     splits = build(tmp_path, tokenizer, [record])
     prompt = "<|im_start|>user\nHi there, how are you?<|im_end|>\n<|im_start|>assistant\n"
-    answer = ids(tok, "Hello friend, I am fine.<|im_end|>\n")
+    answer = ids(tok, "Hello friend, I am fine.<|im_end|>")
     item = splits.train[0]
-    assert item["input_ids"] == ids(tok, prompt) + answer
-    assert item["labels"] == masked(tok, prompt) + answer
+    assert item["input_ids"] == ids(tok, prompt) + answer + ids(tok, "\n")
+    assert item["labels"] == masked(tok, prompt) + answer + masked(tok, "\n")  # learned up to the end of turn
     assert tok.convert_tokens_to_ids("<|im_end|>") in answer
     assert splits.prompt_format["format"] == "messages" and splits.prompt_format["chat_template"] == CHATML
     assert splits.prompt_format["end_of_turn"] == "<|im_end|>"
@@ -123,9 +123,9 @@ def test_multi_turn_chat_learns_every_assistant_turn_and_no_system_or_user_token
                   (ASSISTANT, "Two plus two is four."), (USER, "Name a colour."), (ASSISTANT, "Blue."))
     item = build(tmp_path, tokenizer, [record]).train[0]
     first = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is two plus two?"
-    pieces = [(first + "<|im_end|>\n<|im_start|>assistant\n", False), ("Two plus two is four.<|im_end|>\n", True),
-              ("<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n", False),
-              ("Blue.<|im_end|>\n", True)]
+    pieces = [(first + "<|im_end|>\n<|im_start|>assistant\n", False), ("Two plus two is four.<|im_end|>", True),
+              ("\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n", False),
+              ("Blue.<|im_end|>", True), ("\n", False)]
     assert item["input_ids"] == [t for text, _ in pieces for t in ids(tok, text)]
     assert item["labels"] == [t for text, learn in pieces for t in (ids(tok, text) if learn else masked(tok, text))]
 
@@ -195,8 +195,9 @@ def test_a_tokenizer_without_a_template_gets_chatml_with_im_end_when_it_is_one_t
     tok = splits.tokenizer
     assert "<|im_end|>" in splits.prompt_format["chat_template"] == tok.chat_template
     item = splits.train[0]
-    answer = ids(tok, "Hello friend.<|im_end|>\n")
-    assert item["labels"][-len(answer):] == answer == item["input_ids"][-len(answer):]
+    answer = ids(tok, "Hello friend.<|im_end|>")
+    assert item["labels"][-len(answer) - 1:] == answer + [IGNORE]  # the newline after <|im_end|> is not learned
+    assert item["input_ids"][-len(answer) - 1:-1] == answer
 
 
 def test_a_tokenizer_without_im_end_ends_turns_with_eos_in_the_default_template(tmp_path):
@@ -207,7 +208,7 @@ def test_a_tokenizer_without_im_end_ends_turns_with_eos_in_the_default_template(
     start = start_of_response(item)
     assert item["labels"][start:start + len(content)] == content
     assert item["labels"][start + len(content)] == tok.eos_token_id  # the end of turn is EOS, and learned
-    assert IGNORE not in item["labels"][start:]
+    assert item["labels"][start + len(content) + 1:] == masked(tok, "\n")  # what follows it is not
     assert splits.prompt_format["end_of_turn"] == "</s>"
 
 
@@ -219,7 +220,8 @@ def test_a_template_file_is_used_and_one_that_is_not_prefix_consistent_is_an_err
     splits = build(tmp_path, tokenizer, records, chat_template=str(good))
     item = splits.train[0]
     assert item["input_ids"] == ids(tok, "[user]\nHi there</s>\n[assistant]\nHello friend.</s>\n")
-    assert item["labels"] == masked(tok, "[user]\nHi there</s>\n[assistant]\n") + ids(tok, "Hello friend.</s>\n")
+    assert item["labels"] == masked(tok, "[user]\nHi there</s>\n[assistant]\n") + ids(tok, "Hello friend.</s>") + \
+        masked(tok, "\n")
     assert splits.tokenizer.chat_template == good.read_text()
     # a space ending the generation prompt merges with the answer's first word (" friend" is one token): the
     # tokens of the prompt alone are then no prefix of the whole conversation's
@@ -227,7 +229,9 @@ def test_a_template_file_is_used_and_one_that_is_not_prefix_consistent_is_an_err
     bad = tmp_path / "bad.jinja"
     bad.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
                    "{% if add_generation_prompt %}assistant: {% endif %}")
-    with pytest.raises(SFTError, match=r"train\.jsonl:1: .*bad\.jinja.*not prefix-consistent"):
+    with pytest.raises(SFTError, match=r"train\.jsonl:1: the record cannot be masked by prefix under .*bad\.jinja: "
+                                       r"its text up to assistant turn 1 begins the whole conversation, but its tokens "
+                                       r"do not \(a token spans the end of the prompt and the start of the response"):
         build(tmp_path, tokenizer, records, chat_template=str(bad))
     with pytest.raises(SFTError, match=r"dataset.chat_template=.*missing\.jinja: no such file"):
         build(tmp_path, tokenizer, records, chat_template=str(tmp_path / "missing.jinja"))
@@ -315,7 +319,7 @@ def test_fields_map_the_files_own_key_names(tmp_path, tokenizer, tok):
     record = {"conversation": [{"from": "user", "value": "Hi there"}, {"from": "assistant", "value": "Blue."}]}
     fields = {"messages": "conversation", "role": "from", "content": "value"}
     item = build(tmp_path, tokenizer, [record], fields=fields).train[0]
-    assert item["labels"][start_of_response(item):] == ids(tok, "Blue.<|im_end|>\n")
+    assert item["labels"][start_of_response(item):] == ids(tok, "Blue.<|im_end|>") + [IGNORE]
     with pytest.raises(SFTError, match="dataset.fields has the unknown key.* answer"):
         build(tmp_path, tokenizer, [record], fields={"answer": "a"})
 

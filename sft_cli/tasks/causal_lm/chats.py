@@ -7,7 +7,8 @@ Three layouts, detected per file from its first valid record (or forced with dat
 messages ({"messages": [{"role", "content"}, ...]}, rendered with a chat template), prompt_completion and
 alpaca (rendered with a plain prompt format, then the response and EOS). Labels are found on token ids: the
 tokens of the prompt alone (the conversation up to an assistant turn, with the generation prompt) must be a
-prefix of the whole sequence's tokens, and the tokens after them, up to the end of the turn, are learned.
+prefix of the whole sequence's tokens, and the tokens after them, up to and including the turn's end-of-turn
+token, are learned (tested against the Llama 3.1, Qwen2.5 and Gemma 3 templates: tests/test_chat_templates.py).
 """
 
 import bisect
@@ -39,6 +40,9 @@ TOOL_ROLES = ("tool", "function", "ipython", "observation", "function_call")  # 
 FIELDS = {"messages": "messages", "role": "role", "content": "content", "prompt": "prompt",
           "completion": "completion", "instruction": "instruction", "input": "input", "output": "output"}
 IGNORE = -100  # the label of a token that is not learned (torch's cross_entropy ignore_index)
+# in the token cache's keys: entries labelled by an earlier rule are not reused (v2: a turn is learned up to
+# its end-of-turn token, no longer the newline some templates write after it)
+LABELS_VERSION = "chat-v2-"
 # The default chat template (ChatML), for tokenizers without one; END is <|im_end|> when the tokenizer holds it
 # as one token, else its EOS, so the model learns to end its turn with a token generation stops at.
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}@END@\n"
@@ -520,21 +524,39 @@ def _label(tok, prompt_format: dict, parsed, train_on_prompt: bool) -> tuple[lis
         spans = [(len(prompt), len(full))]
     else:
         spans = []
-        for start, end in zip(ids[1::2], ids[2::2]):
-            for part in (start, end):
+        end_of_turn = tok.convert_tokens_to_ids(prompt_format["end_of_turn"])
+        end_of_turn = None if end_of_turn == tok.unk_token_id else end_of_turn
+        for turn, (start, end) in enumerate(zip(ids[1::2], ids[2::2])):
+            for text, part in ((texts[1 + 2 * turn], start), (texts[2 + 2 * turn], end)):
                 if full[:len(part)] != part:
-                    raise _RowProblem(
-                        f"is rendered by {prompt_format['chat_template_source']} in a way that is not "
-                        "prefix-consistent: the tokens of the conversation up to an assistant turn are not a prefix "
-                        "of the whole conversation's tokens (the template renders earlier turns differently once "
-                        "later ones follow, or a turn's first token merges with the text before it). Use another "
-                        "template: dataset.chat_template=default (ChatML) or a .jinja file")
-            spans.append((len(start), len(end)))
+                    raise _RowProblem(_not_a_prefix(prompt_format["chat_template_source"], texts[0], text, turn))
+            # a turn is learned up to its end-of-turn token: what the template writes after it (ChatML's and
+            # Gemma's newline) is never generated, and belongs to the prompt of the turn that follows
+            stop = next((i + 1 for i in range(len(start), len(end)) if full[i] == end_of_turn), len(end))
+            spans.append((len(start), stop))
     learned = [False] * len(full)
     for start, end in spans:
         learned[start:end] = [True] * (end - start)
     labels = list(full) if train_on_prompt else [t if m else IGNORE for t, m in zip(full, learned)]
     return full, labels, learned
+
+
+def _not_a_prefix(template: str, whole: str, part: str, turn: int) -> str:
+    """Why a record cannot be masked by prefix: the text of the conversation up to its `turn`-th assistant turn
+    is not how the whole conversation begins (the template rewrites or drops earlier turns once later ones
+    follow), or it is, but its tokens are not the whole's first tokens (a token spans the turn's boundary)."""
+    fix = ("Use a template that renders each turn the same whatever follows it: dataset.chat_template=default "
+           "(ChatML) or dataset.chat_template=path/to/template.jinja")
+    if whole.startswith(part):
+        return (f"cannot be masked by prefix under {template}: its text up to assistant turn {turn + 1} begins the "
+                "whole conversation, but its tokens do not (a token spans the end of the prompt and the start of "
+                f"the response: end the generation prompt with a newline or a special token). {fix}")
+    at = next((i for i, (a, b) in enumerate(zip(whole, part)) if a != b), min(len(whole), len(part)))
+    return (f"cannot be masked by prefix under {template}: the conversation up to assistant turn {turn + 1} "
+            f"renders as ...{part[max(0, at - 30):at + 30]!r}, but in the whole conversation as "
+            f"...{whole[max(0, at - 30):at + 30]!r}: the template rewrites or drops earlier turns once later "
+            "ones follow (as Qwen3's drops the reasoning of earlier assistant turns), so that turn's response is "
+            f"not what follows its prompt in the whole conversation. {fix}")
 
 
 class _RowProblem(Exception):
@@ -559,7 +581,7 @@ def _tokenized(path: Path, rows: list, how: Tokenizing) -> tuple[TokenSequences,
     tok, prompt_format, max_length, train_on_prompt, skip, cache = (
         how.tok, how.prompt_format, how.max_length, how.train_on_prompt, how.skip, how.cache)
     stat = path.stat()
-    file = cache.file("chat-", [fingerprint(tok), prompt_format, str(path), stat.st_size, stat.st_mtime_ns,
+    file = cache.file(LABELS_VERSION, [fingerprint(tok), prompt_format, str(path), stat.st_size, stat.st_mtime_ns,
                                 max_length, train_on_prompt, skip, [where for where, _ in rows]])
     saved = cache.load(file)
     if saved and saved.keys() >= {"input_ids", "labels", "kept", "counts"}:
