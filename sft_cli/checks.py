@@ -50,11 +50,16 @@ def check(cfg: DictConfig) -> None:
         raise SFTError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
-def check_monitor(cfg: DictConfig, metrics: Iterable[str]) -> None:
-    """Raise an SFTError unless trainer.monitor names one of the validation metrics the task reports."""
+def check_monitor(cfg: DictConfig, metrics: Iterable[str], off: dict[str, str] | None = None) -> None:
+    """Raise an SFTError unless trainer.monitor names one of the validation metrics the task reports; `off`:
+    metrics the task could report but its config turns off, each with what turns it on (Task.metrics_off)."""
     allowed = [f"val/{m}" for m in sorted(metrics)]
-    if cfg.trainer.monitor not in allowed:
-        raise SFTError(not_one_of("trainer.monitor", cfg.trainer.monitor, allowed))
+    monitor = cfg.trainer.monitor
+    if monitor not in allowed:
+        name = str(monitor).removeprefix("val/")
+        if off and name in off and monitor.startswith("val/"):
+            raise SFTError(f"trainer.monitor={monitor} is not reported by this run: {off[name]}")
+        raise SFTError(not_one_of("trainer.monitor", monitor, allowed))
 
 
 def unread_key_problems(cfg: DictConfig) -> list[str]:

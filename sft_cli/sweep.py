@@ -155,10 +155,14 @@ def check_config(overrides: list[str]) -> None:
     for key in swept & OmegaConf.missing_keys(cfg):
         OmegaConf.update(cfg, key, "<swept>")  # a required value given only as swept values is not missing
     checks.check(cfg)
-    if "task" in cfg:  # the task class says which metrics trainer.monitor may name (imports torch: -m only)
-        from hydra.utils import get_class
-
-        checks.check_monitor(cfg, get_class(cfg.task._target_).metrics)
+    if "task" in cfg and "task" not in swept:  # (a swept task group: each run checks its own)
+        # the task, built as its runs build it, says which metrics trainer.monitor may name: its config's own
+        # (a custom answer metric, those a setting turns off) as well as its class's (imports torch: -m only)
+        task = config.build(cfg.task)
+        metrics = set(task.metrics)
+        if any(key.startswith("task.") for key in swept):  # a swept value may turn on a metric the others lack
+            metrics |= set(type(task).metrics)
+        checks.check_monitor(cfg, metrics, getattr(task, "metrics_off", None))
     given = config.arg(overrides, "hydra.sweep.dir")  # the default folder is new by construction
     run = [n for n in ("summary.json", "metrics.jsonl", "checkpoints") if given and (Path(given) / n).exists()]
     if run:

@@ -58,6 +58,9 @@ class Window(Protocol):
 
 class Task(Protocol):
     metrics: tuple[str, ...]  # what read() (and judge()) report; trainer.monitor is val/<one of these>
+    # optional: metrics the task can report but its config turns off, each with what turns it on (named when
+    # trainer.monitor asks for one)
+    metrics_off: dict[str, str]
     # optional, False when absent: the loop scores the untrained model once (an epoch-0 val row) as a baseline
     validate_before_training: bool
 

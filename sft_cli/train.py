@@ -94,7 +94,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     run_dir = Path(distributed.broadcast_object(str(run_dir), ctx))  # the folder rank 0's Hydra made
     _check_processes(cfg, run_dir, ctx, device)
     task = config.build(cfg.task)
-    checks.check_monitor(cfg, task.metrics)
+    checks.check_monitor(cfg, task.metrics, getattr(task, "metrics_off", None))
     run = Run(cfg, run_dir, task, device, ctx, started=time.perf_counter())
     if ctx.is_main:
         if cfg.get("verbose"):

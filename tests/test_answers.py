@@ -1,11 +1,15 @@
 """The causal-LM task's generated-answer metrics on crafted answers: the normalisation exact_match and contains
-compare, each metric, the optional ones (regex, json_match) appearing only when configured, a user's own metric
-named by `_target_`, and mistakes named by their key. No model: answers.py alone (the task's use of it in a
-run is in test_cli_chat.py)."""
+compare, each metric, the optional ones (regex, json_match, rouge_l) appearing only when configured, a user's own
+metric named by `_target_`, and mistakes named by their key; trainer.monitor naming a metric the config turns off
+says what turns it on, before any data loads. No model: answers.py alone (the task's use of it in a run is in
+test_cli_chat.py)."""
+
+import importlib.util
 
 import pytest
 from omegaconf import OmegaConf
 
+from sft_cli import checks, sweep
 from sft_cli.errors import SFTError
 from sft_cli.tasks.causal_lm import answers
 from sft_cli.tasks.causal_lm.answers import Answer, AnswerMetrics
@@ -121,3 +125,85 @@ def test_the_answer_metrics_are_the_tasks_metrics_only_when_answers_are_generate
     assert CausalLMTask(generate_samples=0).metrics == ("loss", "perplexity", "token_accuracy")
     assert CausalLMTask(answer_regex="x", answer_json_keys=["a"]).metrics[-2:] == ("regex", "json_match")
     assert set(CausalLMTask(answer_regex="x").metrics) <= set(CausalLMTask.metrics)  # what a sweep checks against
+
+
+def test_rouge_l_is_rouge_scores_longest_common_subsequence_f_measure_of_the_words():
+    pytest.importorskip("rouge_score")
+    from rouge_score import rouge_scorer
+
+    assert answers.rouge_l("Blue.", "blue") == 1.0 and answers.rouge_l("red", "blue") == 0.0
+    # 5 of the 6 words in order: precision = recall = F = 5/6
+    assert answers.rouge_l("the cat lay on the mat", "The cat sat on the mat.") == pytest.approx(5 / 6)
+    # an order that breaks the subsequence: "the cat" (2 words) of 4 and 3
+    assert answers.rouge_l("mat the cat", "the cat on mat") == pytest.approx(2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))
+    assert answers.rouge_l("", "blue") == 0.0 and answers.rouge_l("...", "blue") == 0.0
+    # on ASCII text, the words of rouge-score's default tokenizer: its own score
+    default = rouge_scorer.RougeScorer(["rougeL"])
+    for answer, reference in [("It's 42, not 7!", "it is 42"), ("a_b c-d 3.5x", "A b c D 3 5X"),
+                              ("Paris is the capital of France.", "The capital of France is Paris")]:
+        assert answers.rouge_l(answer, reference) == default.score(reference, answer)["rougeL"].fmeasure
+    # letters of other scripts are words too (the default tokenizer drops them: 0 for both)
+    assert answers.Words().tokenize("Die Straße ist lang") == ["die", "strasse", "ist", "lang"]
+    assert answers.rouge_l("Die Straße ist lang.", "die strasse ist kurz") == 0.75
+    assert answers.Words().tokenize("東京は大きい") == ["東", "京", "は", "大", "き", "い"]  # a character a word
+    assert answers.rouge_l("東京は大きい", "東京は小さい") == pytest.approx(4 / 6)
+
+
+def test_rouge_l_is_reported_when_turned_on_and_its_missing_package_is_named():
+    assert "rouge_l" not in AnswerMetrics().names
+    if importlib.util.find_spec("rouge_score") is None:
+        with pytest.raises(SFTError, match=r"task.rouge_l=true scores answers with rouge-score, which is not "
+                                           r"installed: pip install -e \".*\[rouge\]\""):
+            AnswerMetrics(rouge=True)
+        return
+    metrics = AnswerMetrics(rouge=True, custom={"echo": {"_target_": "test_answers.words_in_prompt"}})
+    assert metrics.names == ("exact_match", "contains", "json_valid", "ends_turn", "rouge_l", "echo")
+    scores = [metrics.scores(Answer("q", a, "the sky is blue", True)) for a in ("The sky is blue.", "blue", "red")]
+    assert [s["rouge_l"] for s in scores] == [1.0, pytest.approx(2 * 1 * 0.25 / 1.25), 0.0]
+    assert metrics.means(scores)["rouge_l"] == pytest.approx((1 + 0.4) / 3)
+    with pytest.raises(SFTError, match="task.rouge_l='yes' must be true or false"):
+        AnswerMetrics(rouge="yes")
+
+
+def test_rouge_ls_missing_package_is_one_message_with_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rouge_score" else real(name, *a))
+    with pytest.raises(SFTError) as error:
+        AnswerMetrics(rouge=True)
+    assert str(error.value) == ("task.rouge_l=true scores answers with rouge-score, which is not installed: "
+                                + answers.install_command("rouge"))
+    assert "[rouge]" in str(error.value)
+
+
+@pytest.mark.parametrize("samples, monitor, expected", [
+    (0, "exact_match", "trainer.monitor=val/exact_match is not reported by this run: task.generate_samples=0 turns "
+                       "the generated-answer metrics off: set task.generate_samples=16"),
+    (16, "json_match", "trainer.monitor=val/json_match is not reported by this run: val/json_match is reported only "
+                       "with task.answer_json_keys=[KEY,...]"),
+    (16, "rouge_l", "val/rouge_l is reported only with task.rouge_l=true (with rouge-score: pip install "),
+    (16, "exact_mtch", "trainer.monitor='val/exact_mtch' is not one of: val/contains, val/ends_turn, "),  # a typo
+])
+def test_a_monitored_answer_metric_the_config_turns_off_says_what_turns_it_on(samples, monitor, expected):
+    from sft_cli.tasks.causal_lm.task import CausalLMTask
+
+    cfg = OmegaConf.create({"trainer": {"monitor": f"val/{monitor}"}})
+    task = CausalLMTask(generate_samples=samples)
+    with pytest.raises(SFTError) as error:  # what train() checks once the task is built, before data loads
+        checks.check_monitor(cfg, task.metrics, task.metrics_off)
+    assert expected in str(error.value)
+    with pytest.raises(SFTError) as error:  # and a sweep, before its first run
+        sweep.check_config(["+experiment=chat_sft", "dataset.train_file=chats.jsonl", "model.name_or_path=x",
+                            f"task.generate_samples={samples}", f"trainer.monitor=val/{monitor}",
+                            "optimizer.lr=0.1,0.01"])
+    assert expected in str(error.value)
+
+
+def test_a_sweep_monitoring_a_users_own_answer_metric_starts():
+    args = ["+experiment=chat_sft", "dataset.train_file=chats.jsonl", "model.name_or_path=x", "optimizer.lr=0.1,0.01"]
+    sweep.check_config([*args, "+task.answer_metrics.echo._target_=test_answers.words_in_prompt",
+                        "trainer.monitor=val/echo"])  # was: 'val/echo' is not one of ...
+    with pytest.raises(SFTError, match=r"trainer.monitor='val/echo' is not one of: val/contains"):
+        sweep.check_config([*args, "trainer.monitor=val/echo"])  # not configured: still refused
+    # a swept task key may turn a metric on in some runs: the class's metrics are allowed then
+    sweep.check_config([*args, "task.answer_regex=a,b", "trainer.monitor=val/regex"])
+

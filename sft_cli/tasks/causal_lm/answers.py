@@ -7,6 +7,8 @@ its reference response. What they mean (the README's "Judge the answers" says th
 - json_valid: the raw answer parses as a JSON object or array (a bare number, string or true does not count);
 - json_match (task.answer_json_keys set): answer and reference are JSON objects and agree on every listed key
   (a key missing from both agrees);
+- rouge_l (task.rouge_l=true, with the rouge extra): the ROUGE-L F-measure of answer and reference (rouge-score's
+  longest common subsequence of words), see `rouge_l`;
 - ends_turn: the answer ended with EOS or the end-of-turn token within task.sample_tokens new tokens;
 - your own, task.answer_metrics.<name>: {_target_: module.function}, called as function(prompt, answer,
   reference) -> a number or a bool; `prompt` is the question as written (the last user turn, or the prompt /
@@ -15,17 +17,21 @@ its reference response. What they mean (the README's "Judge the answers" says th
 Each metric is the mean over the judged answers (0 to 1 for the built-in ones).
 """
 
+import importlib.util
 import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cache
 
 from omegaconf import DictConfig, OmegaConf
 
 from sft_cli import config
 from sft_cli.errors import SFTError
+from sft_cli.extras import install_command
 
 BUILT_IN = ("exact_match", "contains", "json_valid", "ends_turn")  # always reported when answers are judged
+OPTIONAL = ("regex", "json_match", "rouge_l")  # reported when configured (task.answer_regex, ...)
 TRAILING = ".,;:!?…。！？"  # sentence punctuation that normalise() cuts from the end
 _MISSING = object()
 
@@ -64,6 +70,34 @@ def json_match(answer: str, reference: str, keys: list[str]) -> bool:
     return all(got.get(k, _MISSING) == wanted.get(k, _MISSING) for k in keys)
 
 
+# Chinese and Japanese characters (and kana) are words of their own: those scripts write no spaces
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_WORD = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
+
+
+class Words:
+    """The words rouge_l compares: runs of letters and digits of the case-folded text, of any script, and each
+    Chinese or Japanese character alone. On ASCII text these are exactly rouge-score's default words (lower-cased
+    [a-z0-9] runs); that default drops every other letter, so it would score a German or Chinese answer on its
+    ASCII words alone."""
+
+    def tokenize(self, text: str) -> list[str]:  # what rouge_score.RougeScorer(tokenizer=) calls
+        return _WORD.findall(text.casefold())
+
+
+@cache
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=Words())
+
+
+def rouge_l(answer: str, reference: str) -> float:
+    """ROUGE-L F-measure (rouge-score's `rougeL`: the longest common subsequence of the two texts' words, no
+    stemming); 0 when either has no word."""
+    return _rouge_scorer().score(reference, answer)["rougeL"].fmeasure
+
+
 @dataclass(frozen=True)
 class Answer:
     prompt: str     # the question as written (what a custom metric receives as `prompt`)
@@ -77,7 +111,7 @@ class AnswerMetrics:
     when the task is built so that a bad pattern or target stops the run before any data loads."""
 
     def __init__(self, regex: str | None = None, json_keys: list[str] | None = None,
-                 custom: dict | DictConfig | None = None):
+                 custom: dict | DictConfig | None = None, rouge: bool = False):
         self.regex = None
         if regex is not None:
             try:
@@ -90,9 +124,15 @@ class AnswerMetrics:
             raise SFTError(f"task.answer_json_keys={json_keys!r} must be a non-empty list of key names, such as "
                            "[answer] or [answer,confidence], or null")
         self.json_keys = list(json_keys) if json_keys is not None else None
+        if not isinstance(rouge, bool):
+            raise SFTError(f"task.rouge_l={rouge!r} must be true or false")
+        if rouge and importlib.util.find_spec("rouge_score") is None:
+            raise SFTError("task.rouge_l=true scores answers with rouge-score, which is not installed: "
+                           + install_command("rouge"))
+        self.rouge = rouge
         self.custom: dict[str, Callable] = {}
         for name, node in (custom or {}).items():
-            if name in (*BUILT_IN, "regex", "json_match", "loss", "perplexity", "token_accuracy"):
+            if name in (*BUILT_IN, *OPTIONAL, "loss", "perplexity", "token_accuracy"):
                 raise SFTError(f"task.answer_metrics.{name}: {name} is a metric the task reports already; give "
                                "your metric another name")
             if callable(node):  # built already (a node with _partial_: true, in a task config built recursively)
@@ -109,7 +149,14 @@ class AnswerMetrics:
     @property
     def names(self) -> tuple[str, ...]:
         return (*BUILT_IN, *(("regex",) if self.regex else ()), *(("json_match",) if self.json_keys else ()),
-                *self.custom)
+                *(("rouge_l",) if self.rouge else ()), *self.custom)
+
+    def off(self) -> dict[str, str]:
+        """The optional metrics this config leaves out, each with what turns it on."""
+        how = {"regex": "task.answer_regex=PATTERN (a pattern the answers must contain)",
+               "json_match": "task.answer_json_keys=[KEY,...] (the keys answer and reference JSON must agree on)",
+               "rouge_l": f"task.rouge_l=true (with rouge-score: {install_command('rouge')})"}
+        return {name: f"val/{name} is reported only with {how[name]}" for name in OPTIONAL if name not in self.names}
 
     def scores(self, item: Answer) -> dict[str, float]:
         """Every metric of one answer (1.0/0.0 for the built-in ones)."""
@@ -119,6 +166,8 @@ class AnswerMetrics:
             out["regex"] = self.regex.search(item.answer) is not None
         if self.json_keys:
             out["json_match"] = json_match(item.answer, item.reference, self.json_keys)
+        if self.rouge:
+            out["rouge_l"] = rouge_l(item.answer, item.reference)
         for name, metric in self.custom.items():
             try:
                 value = metric(item.prompt, item.answer, item.reference)

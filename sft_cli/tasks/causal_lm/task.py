@@ -34,12 +34,12 @@ class CausalLMTask:
     predict_example = 'prompt="..."'  # what sft-train suggests after a run
     # every metric the task can report (what a sweep checks trainer.monitor against before its runs are built);
     # an instance lists those its config reports: the answer metrics only with generate_samples > 0
-    metrics = (*LOSS_METRICS, *answers.BUILT_IN, "regex", "json_match")
+    metrics = (*LOSS_METRICS, *answers.BUILT_IN, *answers.OPTIONAL)
 
     def __init__(self, samples: int = 4, sample_tokens: int = 64, validate_before_training: bool = True,
                  generate_samples: int = 16, generate_every_n_validations: int = 1, generate_batch_size: int = 16,
                  answer_regex: str | None = None, answer_json_keys: list[str] | None = None,
-                 answer_metrics: dict | None = None):
+                 answer_metrics: dict | None = None, rouge_l: bool = False):
         self.samples, self.sample_tokens = samples, sample_tokens
         self.validate_before_training = validate_before_training
         for key, value, least in (("generate_samples", generate_samples, 0), ("generate_batch_size", generate_batch_size, 1),
@@ -49,8 +49,15 @@ class CausalLMTask:
                                + (" (0: no generated-answer metrics)" if least == 0 else ""))
         self.judged_samples, self.generate_every = generate_samples, generate_every_n_validations
         self.generate_batch_size = generate_batch_size
-        self.answer_metrics = answers.AnswerMetrics(answer_regex, answer_json_keys, answer_metrics)
+        self.answer_metrics = answers.AnswerMetrics(answer_regex, answer_json_keys, answer_metrics, rouge_l)
         self.metrics = (*LOSS_METRICS, *self.answer_metrics.names) if generate_samples else LOSS_METRICS
+        # trainer.monitor naming a metric this config turns off: what turns it on (checks.check_monitor)
+        self.metrics_off = self.answer_metrics.off()
+        if not generate_samples:
+            self.metrics_off |= {name: "task.generate_samples=0 turns the generated-answer metrics off: set "
+                                       "task.generate_samples=16 (val examples answered and judged at each "
+                                       "validation), or monitor val/loss"
+                                 for name in (*answers.BUILT_IN, *answers.OPTIONAL, *self.answer_metrics.custom)}
         self.validations = 0  # val splits judged or skipped so far: every generate_every_n_validations-th is judged
         self.references: dict[str, list[tuple]] = {}
         self.answered: dict[str, str] = {}  # rendered val prompt -> the answer the last validation judged
