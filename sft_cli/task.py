@@ -58,6 +58,8 @@ class Window(Protocol):
 
 class Task(Protocol):
     metrics: tuple[str, ...]  # what read() (and judge()) report; trainer.monitor is val/<one of these>
+    # optional, `metrics` when absent: those of train rows (metrics.csv's train_ columns): judge() reports on val only
+    train_metrics: tuple[str, ...]
     # optional: metrics the task can report but its config turns off, each with what turns it on (named when
     # trainer.monitor asks for one)
     metrics_off: dict[str, str]

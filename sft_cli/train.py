@@ -151,7 +151,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     state = resume(run, learner, total_steps) if cfg.resume else TrainState()
     run.started -= state.elapsed
     trackers = loggers.build(cfg.logger, run_dir, cfg, enabled=ctx.is_main)  # after resume copied their history
-    run.files = MetricsFiles(run_dir, task.metrics, enabled=ctx.is_main, trackers=trackers)
+    run.files = MetricsFiles(run_dir, task.metrics, enabled=ctx.is_main, trackers=trackers,
+                             train_metrics=getattr(task, "train_metrics", None))
     untrained = None  # a language model's val metrics and answers before training, to compare with later ones
     if state.step == 0:
         if getattr(task, "validate_before_training", False):

@@ -207,3 +207,28 @@ def test_a_sweep_monitoring_a_users_own_answer_metric_starts():
     # a swept task key may turn a metric on in some runs: the class's metrics are allowed then
     sweep.check_config([*args, "task.answer_regex=a,b", "trainer.monitor=val/regex"])
 
+
+def test_metrics_csv_has_train_columns_for_the_windows_metrics_only(tmp_path):
+    from sft_cli.results.metrics_files import MetricsFiles
+    from sft_cli.tasks.causal_lm.task import CausalLMTask
+
+    task = CausalLMTask(answer_regex="x")
+    files = MetricsFiles(tmp_path, task.metrics, train_metrics=task.train_metrics)
+    files.epoch_row({"epoch": 1, "step": 4, "train_loss": 0.5, "val_loss": 0.7, "val_exact_match": 0.25, "lr": 0.1})
+    files.close()
+    header, row = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert header.split(",") == ["epoch", "step", "train_loss", "train_perplexity", "train_token_accuracy",
+                                 "val_loss", "val_perplexity", "val_token_accuracy", "val_exact_match", "val_contains",
+                                 "val_json_valid", "val_ends_turn", "val_regex", "lr", "train_samples_per_s",
+                                 "elapsed"]  # was: empty train_exact_match ... train_regex columns too
+    assert row == "1,4,0.5,,,0.7,,,0.25,,,,,0.1,,"
+    # a resumed run appends under the header its file has, whatever its own columns (an older run's: with them)
+    (tmp_path / "metrics.csv").write_text("epoch,step,train_loss,train_exact_match,val_loss,val_exact_match,lr\n")
+    files = MetricsFiles(tmp_path, task.metrics, train_metrics=task.train_metrics)
+    files.epoch_row({"epoch": 2, "step": 8, "train_loss": 0.4, "val_loss": 0.6, "val_exact_match": 0.5, "lr": 0.1})
+    files.close()
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[1] == "2,8,0.4,,0.6,0.5,0.1"
+    # classifiers: every metric is a train and a val column, as before
+    (tmp_path / "cls").mkdir()
+    MetricsFiles(tmp_path / "cls", ("loss", "accuracy")).close()
+    assert (tmp_path / "cls" / "metrics.csv").read_text().startswith("epoch,step,train_loss,train_accuracy,val_loss,")

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from conftest import assert_kill_and_resume_is_bitwise, ok, read_json, run_cli
 from fixtures import CODES, chat_rows, write_tiny_bert, write_tiny_llama
 from inprocess import train_offline
+from sft_cli.tasks.causal_lm import answers
 from test_cli_errors import refused
 
 
@@ -106,6 +107,7 @@ def test_the_generated_answers_are_val_metrics_rising_from_epoch_0(chat_run: Pat
     assert all("exact_match" not in r for r in rows if r["split"] == "train")  # judged on validation only
     header = (chat_run / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"val_exact_match", "val_contains", "val_json_valid", "val_ends_turn"} <= set(header)
+    assert "train_loss" in header and not any(c.startswith("train_") and c[6:] in answers.BUILT_IN for c in header)
 
 
 def test_monitor_val_exact_match_picks_the_best_checkpoint_judged_every_second_validation(tmp_path: Path, caplog,

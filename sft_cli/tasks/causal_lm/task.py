@@ -58,6 +58,8 @@ class CausalLMTask:
                                        "task.generate_samples=16 (val examples answered and judged at each "
                                        "validation), or monitor val/loss"
                                  for name in (*answers.BUILT_IN, *answers.OPTIONAL, *self.answer_metrics.custom)}
+        # the metrics of train rows: the window's (answers are judged on val and test only)
+        self.train_metrics = LOSS_METRICS
         self.validations = 0  # val splits judged or skipped so far: every generate_every_n_validations-th is judged
         self.references: dict[str, list[tuple]] = {}
         self.answered: dict[str, str] = {}  # rendered val prompt -> the answer the last validation judged
