@@ -51,6 +51,8 @@ class TrainerSchema:
 
     device: str = MISSING
     devices: int = MISSING
+    strategy: str = MISSING
+    cpu_offload: bool = MISSING
     sync_batchnorm: bool = MISSING
     max_epochs: int = MISSING
     max_steps: Optional[int] = MISSING

@@ -7,6 +7,9 @@
     checkpoints/last -> step-00000420       (symlinks, replaced with os.replace: always complete)
     checkpoints/best -> step-00000300
 
+Under trainer.strategy=fsdp a checkpoint holds shards/ (each process's shards of the weights and of the
+optimizer state: shards.py) in place of model.safetensors and of state.pt's optimizer state.
+
 A folder is written under a temporary name (.step-00000420.tmp-<pid>), every file and the folder are
 fsync'ed, it is renamed, and the rename is fsync'ed; `last`/`best` are re-pointed the same way, and only then
 are step folders that nothing points to removed. Killing the process, or the power, at any moment leaves
@@ -46,26 +49,43 @@ CONFIG_KEYS = ("trainer", "model", "dataset")  # what every config.yaml that sft
 TEMPORARY = re.compile(r"\.(step-\d+|last|best)\.tmp-(\d+)")  # .step-00000420.tmp-<pid>, .last.tmp-<pid>
 
 
-def save(folder: Path, tags: list[str], model: nn.Module, state: dict, config: DictConfig, meta: dict) -> Path:
+def save(folder: Path, tags: list[str], model: nn.Module, state: dict, config: DictConfig, meta: dict,
+         optimizer=None) -> Path:
     """Write the checkpoint for state["step"] (once) and point each tag in `tags` at it. A write that fails
-    (a full disk) is an SFTError saying where `last` still points; nothing half-written is left behind."""
+    (a full disk) is an SFTError saying where `last` still points; nothing half-written is left behind.
+    Under trainer.strategy=fsdp every process calls this with its `optimizer`: each writes its shards of the
+    weights and the optimizer state (shards.py), rank 0 the rest, and rank 0 alone swaps the folder in."""
+    from sft_cli.training import shards
+
     name = f"step-{state['step']:08d}"
-    tmp = folder / f".{name}.tmp-{os.getpid()}"
+    sharded = optimizer is not None  # then every process takes part: the collectives below are theirs alone
+    tmp = folder / (shards.temporary_name(name) if sharded else f".{name}.tmp-{os.getpid()}")
+    main = shards.is_rank0() if sharded else True
     try:
-        _make_folder(folder)
-        if not (folder / name).exists():
-            _write(tmp, model, state, config, meta)
-            os.replace(tmp, folder / name)
-            _fsync(folder)  # a rename is durable only once the folder that holds it is synced
-        for tag in tags:
+        if main:
+            _make_folder(folder)
+        exists = (folder / name).exists()
+        if not (shards.rank0_value(exists) if sharded else exists):
+            if sharded:
+                shards.write(tmp, model, optimizer)
+            if main:
+                _write(tmp, model, state, config, meta, sharded)
+                os.replace(tmp, folder / name)
+                _fsync(folder)  # a rename is durable only once the folder that holds it is synced
+        for tag in tags if main else ():
             _point(folder, tag, name)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
-        _discard(folder, tmp)
+        if main:
+            _discard(folder, tmp)
         raise SFTError(_save_failed(folder, name, e)) from e
     except BaseException:  # Ctrl-C (or a SIGTERM turned into SystemExit) during the save
-        _discard(folder, tmp)
+        if main:
+            _discard(folder, tmp)
         raise
-    _remove_unreferenced(folder)
+    if main:
+        _remove_unreferenced(folder)
+    if sharded:
+        shards.barrier()  # no process runs on (and none is stopped) before rank 0 has swapped the folder in
     return folder / name
 
 
@@ -75,29 +95,21 @@ def _make_folder(folder: Path) -> None:
         _fsync(folder.parent)
 
 
-def _write(tmp: Path, model: nn.Module, state: dict, config: DictConfig, meta: dict) -> None:
-    """The checkpoint's files in `tmp`, all of them on disk (fsync'ed) when this returns."""
+def _write(tmp: Path, model: nn.Module, state: dict, config: DictConfig, meta: dict, sharded: bool = False) -> None:
+    """The checkpoint's files in `tmp`, all of them on disk (fsync'ed) when this returns. `sharded`: tmp holds
+    the weights' shards already (shards.write), and they are not written again."""
     import torch
-    from safetensors.torch import save_file
 
-    from sft_cli.models import adapters
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     adapted = model.sft.adapter is not None  # a LoRA adapter: its tensors and the new head, not the base
     if adapted:
         meta = {**meta, "adapter_base": model.sft.adapter.base_record}
-    weights, seen = {}, set()
-    for key, value in (adapters.adapter_weights(model) if adapted else model.state_dict()).items():
-        value = value.detach().contiguous().cpu()
-        if value.data_ptr() in seen:  # tied weights (a language model's embeddings and lm_head): safetensors
-            value = value.clone()     # refuses tensors that share memory, so the second one is a copy
-        seen.add(value.data_ptr())
-        weights[key] = value
-    save_file(weights, tmp / MODEL_FILE, metadata={"format": "pt", "classes": json.dumps(meta.get("classes"))})
+    if not sharded:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write_weights(tmp / MODEL_FILE, model, meta)
     torch.save(state, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(OmegaConf.to_yaml(config, resolve=True))
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    (tmp / META_FILE).write_text(json.dumps({**meta, "sharded": sharded}, indent=2))
     if model.sft.save_extras:  # a transformers model: its config and tokenizer (hf/)
         model.sft.save_extras(tmp)
     # The writers close (flush) their files but do not sync them: without this, a power cut after the rename
@@ -106,6 +118,22 @@ def _write(tmp: Path, model: nn.Module, state: dict, config: DictConfig, meta: d
         for file in files:
             _fsync(Path(root) / file)
         _fsync(Path(root))
+
+
+def _write_weights(path: Path, model: nn.Module, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    from sft_cli.models import adapters
+
+    adapted = model.sft.adapter is not None
+    weights, seen = {}, set()
+    for key, value in (adapters.adapter_weights(model) if adapted else model.state_dict()).items():
+        value = value.detach().contiguous().cpu()
+        if value.data_ptr() in seen:  # tied weights (a language model's embeddings and lm_head): safetensors
+            value = value.clone()     # refuses tensors that share memory, so the second one is a copy
+        seen.add(value.data_ptr())
+        weights[key] = value
+    save_file(weights, path, metadata={"format": "pt", "classes": json.dumps(meta.get("classes"))})
 
 
 def _point(folder: Path, tag: str, name: str) -> None:
@@ -240,7 +268,7 @@ def _dangling(folder: Path) -> str | None:
     if not missing:
         return None
     said = " and ".join(f"{tag} points at {target}" for tag, target in missing.items())
-    intact = [folder / tag for tag in TAGS if tag not in missing and (folder / tag / MODEL_FILE).exists()]
+    intact = [folder / tag for tag in TAGS if tag not in missing and (folder / tag / STATE_FILE).exists()]
     if intact:
         return (f"{folder}: {said}, which is missing; {intact[0].name} is intact: resume={intact[0]} "
                 f"(or checkpoint={intact[0]} for sft-eval and sft-predict).")
@@ -406,10 +434,12 @@ def load_state(ckpt: Path) -> dict:
 
 
 def load_weights(ckpt: Path, model: nn.Module) -> None:
-    """Load model.safetensors into `model`; a different architecture is an error naming the keys."""
+    """Load model.safetensors (or a sharded checkpoint's shards/) into `model`; a different architecture is an
+    error naming the keys. Collective under FSDP: every process calls it."""
     from safetensors.torch import load_file
 
     from sft_cli.models import adapters
+    from sft_cli.training import shards
 
     try:
         trained = load_config(ckpt).get("adapter")
@@ -417,7 +447,10 @@ def load_weights(ckpt: Path, model: nn.Module) -> None:
         trained = model.sft.adapter.settings if model.sft.adapter else None
     if problem := adapters.mismatch(trained, model, ckpt):  # resume= with another adapter.r, or adapter=none
         raise SFTError(problem)
-    weights = _read(ckpt, MODEL_FILE, lambda p: load_file(p))
+    if shards.has_shards(ckpt):  # trainer.strategy=fsdp: read into this process's shards, or whole in one process
+        weights = shards.load_weights(ckpt, model)
+    else:
+        weights = _read(ckpt, MODEL_FILE, lambda p: load_file(p))
     if model.sft.adapter:
         return adapters.load_adapter_weights(model, weights, ckpt / MODEL_FILE)
     try:

@@ -1,4 +1,5 @@
-"""Data-parallel training on torch.distributed: torchrun starts the processes, DDP syncs the gradients.
+"""Data-parallel training on torch.distributed: torchrun starts the processes; DDP syncs the gradients, or
+FSDP2 (trainer.strategy=fsdp) shards the parameters, gradients and optimizer state over the processes.
 
 One process per device. Under torchrun (WORLD_SIZE set) every process runs the same recipe; rank 0 alone
 writes the run folder (metrics, checkpoints, summary) and shows progress. `trainer.devices=N` without
@@ -6,6 +7,7 @@ torchrun re-launches the same command under torchrun (`launch`). Every helper he
 process, so the recipe reads the same either way.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +31,7 @@ log = logging.getLogger("sft_cli.distributed")
 class Context:
     rank: int = 0
     world_size: int = 1
+    strategy: str = "ddp"  # trainer.strategy: ddp, or fsdp (sharded parameters and checkpoints)
 
     @property
     def enabled(self) -> bool:
@@ -38,16 +41,22 @@ class Context:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        """Checkpoints are written as shards (torch.distributed.checkpoint), in any number of processes; the
+        model is sharded (FSDP2) once there are several."""
+        return self.strategy == "fsdp"
+
 
 def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init(device_name: str) -> tuple[Context, torch.device]:
+def init(device_name: str, strategy: str = "ddp") -> tuple[Context, torch.device]:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA) and pick this rank's device."""
     device = runtime.pick_device(device_name)
     if not under_torchrun():
-        return Context(), device
+        return Context(strategy=strategy), device
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
@@ -60,7 +69,7 @@ def init(device_name: str) -> tuple[Context, torch.device]:
         dist.init_process_group("gloo")
     else:
         raise SFTError(f"trainer.device={device_name} ({device.type}) cannot run DDP: use cuda or cpu.")
-    return Context(rank, world), device
+    return Context(rank, world, strategy), device
 
 
 def close() -> None:
@@ -68,7 +77,7 @@ def close() -> None:
         dist.destroy_process_group()
 
 
-def launch(task_overrides: list[str], run_dir: Path, devices: int, device_name: str) -> float:
+def launch(task_overrides: list[str], run_dir: Path, devices: int, device_name: str, strategy: str = "ddp") -> float:
     """`trainer.devices=N` in a plain sft-train: run this job again under torchrun with N processes, in
     the same run folder, and return its best monitored value (from summary.json)."""
     device = runtime.pick_device(device_name)
@@ -80,13 +89,13 @@ def launch(task_overrides: list[str], run_dir: Path, devices: int, device_name: 
                        f"with {devices} CPU processes instead, set trainer.device=cpu.")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
                "-m", "sft_cli.cli", *task_overrides, f"hydra.run.dir={run_dir}"]
-    log.info(f"launching DDP on {devices} processes: torchrun --standalone --nproc_per_node={devices} "
+    log.info(f"launching {strategy.upper()} on {devices} processes: torchrun --standalone --nproc_per_node={devices} "
              f"-m sft_cli.cli {' '.join(task_overrides)}")
     code = subprocess.call(command)
     summary = run_dir / "summary.json"
     if code != 0 or not summary.is_file():
-        raise SFTError(f"the {devices} DDP processes failed (exit code {code}); their messages are above and "
-                       f"in {run_dir}/train.log.")
+        raise SFTError(f"the {devices} {strategy.upper()} processes failed (exit code {code}); their messages are "
+                       f"above and in {run_dir}/train.log.")
     return float(json.loads(summary.read_text())["best_value"])
 
 
@@ -125,10 +134,14 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+_lockstep = False  # inside generating(): every process answers every prompt (FSDP)
+
+
 def shard_and_gather(items: list, work) -> list:
     """work(items[rank::world]) on each process (a list, one result per item), gathered once into the order of
-    `items` on every process: each item is worked on exactly once overall. work(items) in one process."""
-    if not (dist.is_available() and dist.is_initialized()):
+    `items` on every process: each item is worked on exactly once overall. work(items) in one process, and on
+    every process inside generating() of a sharded model."""
+    if _lockstep or not (dist.is_available() and dist.is_initialized()):
         return work(items)
     rank, world = dist.get_rank(), dist.get_world_size()
     out = [None] * len(items)
@@ -137,12 +150,95 @@ def shard_and_gather(items: list, work) -> list:
     return out
 
 
-def wrap(model: nn.Module, device: torch.device, ctx: Context) -> nn.Module:
-    """The module to train: `model` itself in one process, else a DDP wrapper over its trainable parameters.
-    Call again whenever requires_grad changes (gradual unfreezing): DDP fixes its buckets when built."""
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def generating(model: nn.Module):
+    """Around generation, which calls the transformers model inside the wrapper, past the wrapper's forward.
+    A sharded model has its root parameters (embeddings, final norm, lm_head) gathered, each decoder layer
+    gathers its own, and every process generates every answer in step with the others (synced_gpus: each
+    forward pass is a collective). A no-op otherwise."""
+    global _lockstep
+    if not is_sharded(model):
+        yield
+        return
+    model.unshard()
+    _lockstep = True
+    try:
+        yield
+    finally:
+        _lockstep = False
+        model.reshard()
+
+
+def inference(model: nn.Module):
+    """torch.inference_mode(), or no_grad() for a sharded model: FSDP reuses the buffers it gathers parameters
+    into, and a buffer made in inference mode cannot be written outside it (by the next training step)."""
+    return torch.no_grad() if is_sharded(model) else torch.inference_mode()
+
+
+def in_lockstep() -> bool:
+    """Whether generation must run in step on every process (transformers' synced_gpus)."""
+    return _lockstep
+
+
+def wrap(model: nn.Module, device: torch.device, ctx: Context, precision: str = "32",
+         cpu_offload: bool = False) -> nn.Module:
+    """The module to train: `model` itself in one process; with several, a DDP wrapper over its trainable
+    parameters (call again whenever requires_grad changes: DDP fixes its buckets when built), or under
+    trainer.strategy=fsdp the model itself, sharded in place by FSDP2 (once, before its optimizer exists)."""
     if not ctx.enabled:
         return model
+    if ctx.sharded:
+        return model if is_sharded(model) else _shard(model, device, precision, cpu_offload)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _shard(model: nn.Module, device: torch.device, precision: str, cpu_offload: bool) -> nn.Module:
+    """FSDP2: each transformer layer (what transformers' _no_split_modules names: LlamaDecoderLayer, ...) and
+    then the root (embeddings, final norm, lm_head, a classifier's head) become units whose parameters live
+    sharded over the processes and are gathered for their forward and backward passes only."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    options = {}
+    if runtime.effective_precision(device, precision) == "bf16-mixed":
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    layers = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or ()}
+    units = [m for m in model.modules() if type(m).__name__ in layers]
+    for unit in units:
+        fully_shard(unit, **options)
+    fully_shard(model, **options)
+    # Initialise the root's state now: generation (before any training forward) calls the layers directly
+    model._get_fsdp_state()._lazy_init()
+    log.info(f"FSDP: {len(units)} layers and the root sharded over {dist.get_world_size()} processes")
+    return model
+
+
+def gradient_sync(trained: nn.Module, ctx: Context, sync: bool):
+    """The context of a micro-batch's forward and backward: gradients are synchronised across processes only on
+    the micro-batch that steps (DDP's no_sync(), FSDP's reduce-scatter held back), once per optimizer step."""
+    if not ctx.enabled:
+        return contextlib.nullcontext()
+    if is_sharded(trained):
+        trained.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else trained.no_sync()
+
+
+def passes_behind(done: int, model: nn.Module) -> int:
+    """Under FSDP each forward pass is a collective, so every process must run as many: how many more passes
+    this process (which ran `done`) must make to match the busiest one. 0 otherwise."""
+    if not is_sharded(model):
+        return 0
+    most = torch.tensor(done)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most) - done
 
 
 class EvalShard(Sampler):

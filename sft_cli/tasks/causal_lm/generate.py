@@ -21,7 +21,7 @@ from sft_cli.errors import SFTError
 from sft_cli.models.hf import pad_with_eos
 from sft_cli.results import console
 from sft_cli.tasks.causal_lm import chats
-from sft_cli.training import checkpoint, restore, runtime
+from sft_cli.training import checkpoint, distributed, restore, runtime
 
 log = logging.getLogger("sft_cli.generate")
 
@@ -93,7 +93,8 @@ def generate_ended(model, tokenizer, prompts: list[str], options: GenerationOpti
             [SeededSampler([options.seed_of(encoded[i]) for i in batch], options.temperature, options.top_p)])}
         output = model.generate(input_ids=input_ids.to(device), attention_mask=padded["attention_mask"].to(device),
                                 do_sample=False, max_new_tokens=options.max_new_tokens, eos_token_id=stops,
-                                pad_token_id=tokenizer.pad_token_id, **sampling)
+                                pad_token_id=tokenizer.pad_token_id, synced_gpus=distributed.in_lockstep(),
+                                **sampling)  # synced: FSDP's processes step together until all are done
         new = output[:, input_ids.shape[1]:]  # every row starts with the same padded prompt length
         for i, ids in zip(batch, new.tolist()):
             answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip(), not set(stops).isdisjoint(ids)
