@@ -191,6 +191,11 @@ def _run_problems(cfg: DictConfig) -> list[str]:
         if size is not None and not _is_size(size):
             problems.append(f"dataset.{key}={size!r} must be a fraction in (0, 1) or a count of examples, e.g. "
                             f"dataset.{key}=0.1")
+    if "hub" in cfg.dataset and all(cfg.dataset.get(k) is None for k in ("train_file", "train_files", "hub")):
+        # dataset=chat_files: any one of three keys names the training data (chats.chat_files says the same)
+        problems.append("no training data: set dataset.train_file=... (a .jsonl or .json file), dataset.train_files="
+                        "[a.jsonl,b.jsonl] (several, mixed by dataset.mix) or dataset.hub=... (a Hugging Face "
+                        "dataset name, or a folder saved with save_to_disk)")
     if cfg.resume is not None:
         problems += _resume_problems(cfg.resume)
     size = cfg.dataset.get("transforms", {}).get("image_size")

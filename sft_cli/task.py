@@ -38,6 +38,8 @@ class Splits:
     collate: Callable | None = None  # the DataLoader's collate_fn (None: torch's default stacking)
     group_lengths: list[int] | None = None  # train lengths: when set, train batches group similar lengths
     skipped: dict[str, int] = field(default_factory=dict)  # dataset.<file key>: rows left out by skip_bad_rows
+    # several train files (dataset.train_files): per file key, its path, examples, how many train drew, their share
+    mix: dict[str, dict] = field(default_factory=dict)
 
 
 class Window(Protocol):

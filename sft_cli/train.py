@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import OneCycleLR, ReduceLROnPlateau
 
@@ -112,6 +112,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     for key in ("root", "train_file", "val_file", "test_file"):
         if cfg.dataset.get(key) is not None:
             cfg.dataset[key] = to_absolute_path(cfg.dataset[key])
+    if OmegaConf.is_list(cfg.dataset.get("train_files")):  # dataset.train_files=[a.jsonl,b.jsonl]
+        cfg.dataset.train_files = [to_absolute_path(file) for file in cfg.dataset.train_files]
+    if cfg.dataset.get("hub") and Path(to_absolute_path(cfg.dataset.hub)).exists():  # a folder, not a hub name
+        cfg.dataset.hub = to_absolute_path(cfg.dataset.hub)
     log.info(f"task <{cfg.task._target_}>, dataset <{cfg.dataset._target_}>")
     splits = task.data(cfg.dataset)
     options = loading.LoaderOptions(device, t.num_workers, t.persistent_workers, cfg.seed, ctx)
@@ -199,6 +203,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                "processes": ctx.world_size, "peak_memory_bytes": runtime.peak_memory(device),
                "trainable_params": sum(r[1] for r in counts), "total_params": sum(r[2] for r in counts),
                "skipped_rows": splits.skipped,  # dataset.skip_bad_rows: rows left out, per file
+               "train_mix": splits.mix,  # dataset.train_files: per file, its examples and how many train drew
                "val_before_training": untrained,
                "checkpoint": str(best_dir.absolute()), "run_dir": str(run_dir.absolute())}
     if ctx.is_main:

@@ -166,7 +166,8 @@ def config_choices(cfg: dict, summary: dict | None = None) -> list[tuple[str, ob
 
     model, trainer = part("model"), part("trainer")
     return [("task", target(part("task"))),
-            ("dataset", target(part("dataset"), "root", "train_file", "val_file", "test_file", "name")),
+            ("dataset", target(part("dataset"), "root", "train_file", "train_files", "mix", "hub", "val_file",
+                               "test_file", "name")),
             ("model", target(model, "name", "name_or_path", "weights")),
             ("freeze", target(part("freeze"), "n", "until", "every_n_epochs")),
             ("optimizer", target(part("optimizer"), "lr", "weight_decay")),

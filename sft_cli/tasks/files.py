@@ -73,7 +73,7 @@ def read_rows(file: str, key: str, records: Iterable[tuple[str, object]], parse:
     except PermissionError as e:  # raised by the first read of `records`, which opens the file
         raise SFTError(f"{key}={file}: {unreadable(path, e)}") from e
     if bad:
-        log.warning(f"{path}: skipped {len(bad)} bad {what}(s) (dataset.skip_bad_rows=true); the first, "
+        log.warning(f"{file}: skipped {len(bad)} bad {what}(s) (dataset.skip_bad_rows=true); the first, "
                     f"{bad[0][0]}, {bad[0][1]}")
     return rows, len(bad)
 

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from sft_cli.errors import SFTError, not_one_of
 from sft_cli.models.hf import not_a_causal_lm
 from sft_cli.task import Splits
+from sft_cli.tasks.causal_lm import sources
 from sft_cli.tasks.files import SKIP_HINT, existing_file, read_jsonl, read_rows, stratified_split
 from sft_cli.tasks.tokens import TokenCache, fingerprint, load_tokenizer
 
@@ -155,27 +156,35 @@ class CausalCollate:
         return inputs, labels, counts
 
 
-def chat_files(train_file: str, tokenizer: str, val_file: str | None = None, test_file: str | None = None,
+def chat_files(train_file: str | None, tokenizer: str, val_file: str | None = None, test_file: str | None = None,
                format: str = "auto", fields: dict | None = None, max_length: int = 1024,
                val_size: float = 0.05, split_seed: int = 0, skip_bad_rows: bool = False,
                train_on_prompt: bool = False, chat_template: str | None = None, group_by_length: bool = False,
-               cache_dir: str | None = None, packing: bool = False) -> ChatSplits:
-    """Your chat or instruction files: validation is `val_file` or a random `val_size` carved from train;
-    every example is tokenized once (cached), truncated to `max_length` and labelled to learn its responses
-    (every assistant turn), or everything with `train_on_prompt`."""
+               cache_dir: str | None = None, packing: bool = False, train_files: list[str] | None = None,
+               mix: list[float] | None = None, mix_seed: int = 0, hub: str | None = None,
+               hub_config: str | None = None, hub_split: str = "train", hub_val_split: str | None = None,
+               hub_test_split: str | None = None) -> ChatSplits:
+    """Your chat or instruction data: one train file, several (`train_files`, mixed by the ratios `mix`: see
+    sources.draw) or a hub dataset's splits (`hub`, sources.py). Validation is `val_file` (or `hub_val_split`) or
+    a random `val_size` carved from train (from each train file alike); every example is tokenized once
+    (cached), truncated to `max_length` and labelled to learn its responses (every assistant turn), or
+    everything with `train_on_prompt`."""
     fields = _fields(fields)
     if format not in ("auto", *FORMATS):
         raise SFTError(not_one_of("dataset.format", format, ("auto", *FORMATS)))
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise SFTError(f"dataset.max_length={max_length!r} must be a whole number of tokens, at least 2")
+    found = sources.find(train_file, train_files, mix, hub, hub_config, hub_split, hub_val_split, hub_test_split,
+                         val_file, test_file)
     # every file is read and checked before the (slower) tokenizer load and tokenization
-    files = {key: _read(file, f"dataset.{key}", format, fields, skip_bad_rows)
-             for key, file in (("train_file", train_file), ("val_file", val_file), ("test_file", test_file)) if file}
-    fmt = files["train_file"][1]
+    files = {key: _read(file, key, format, fields, skip_bad_rows)
+             for key, file in {**found.train, **found.val, **found.test}.items()}
+    first = next(iter(found.train))
+    fmt = files[first][1]
     for key, (path, other, _, _) in files.items():
         if other != fmt:  # one prompt format renders every split, and prediction
-            raise SFTError(f"dataset.{key}={path} holds {other} records but dataset.train_file holds {fmt} "
-                           "records: give every file in one layout.")
+            raise SFTError(f"{key}={path} holds {other} records but {first} holds {fmt} records: give every "
+                           "file in one layout.")
     if problem := not_a_causal_lm(to_absolute_path(tokenizer)):  # before its tokenizer's lack of an EOS is blamed
         raise SFTError(problem)  # dataset.tokenizer is model.name_or_path unless set apart
     tok = load_tokenizer(tokenizer)
@@ -184,30 +193,37 @@ def chat_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
         tok.chat_template = prompt_format["chat_template"]
     how = Tokenizing(tok, prompt_format, max_length, train_on_prompt, skip_bad_rows, TokenCache(cache_dir))
 
-    train_path, _, train_rows, bad = files["train_file"]
-    train, kept, counts = _tokenized(train_path, train_rows, how)
-    counts["skipped_rows"] += bad  # rows that could not be read, then those that could not be tokenized
-    skipped = {"dataset.train_file": counts["skipped_rows"]}
-    if "val_file" in files:
-        path, _, rows, bad = files["val_file"]
+    parts = {key: _tokenized(files[key][0], files[key][2], how) for key in found.train}
+    train = TokenSequences([ids for part in parts.values() for ids in part[0].input_ids],
+                           [labels for part in parts.values() for labels in part[0].labels])
+    train_rows = [files[key][2][i] for key, part in parts.items() for i in part[1]]
+    origin = [k for k, part in enumerate(parts.values()) for _ in part[1]]  # each example's train source
+    counts = {name: sum(part[2][name] for part in parts.values()) for name in ("truncated", "dropped")}
+    # rows that could not be read, then those that could not be tokenized
+    skipped = {key: files[key][3] + part[2]["skipped_rows"] for key, part in parts.items()}
+    counts["skipped_rows"] = sum(skipped.values())
+    val_key, test_key = next(iter(found.val), None), next(iter(found.test), None)
+    if val_key:
+        path, _, rows, bad = files[val_key]
         val, val_kept, val_counts = _tokenized(path, rows, how)
-        skipped["dataset.val_file"] = bad + val_counts["skipped_rows"]
+        skipped[val_key] = bad + val_counts["skipped_rows"]
         val_rows = [rows[i] for i in val_kept]
-    else:
-        keep, held_out = stratified_split([0] * len(train), val_size, split_seed)  # one class: a random slice
-        val_rows = [train_rows[kept[i]] for i in held_out]
-        train, val = train.subset(keep), train.subset(held_out)
+    else:  # each train source's examples are a class: the same share of each is held out (one: a random slice)
+        keep, held_out = stratified_split(origin, val_size, split_seed)
+        val_rows = [train_rows[i] for i in held_out]
+        train, val, origin = train.subset(keep), train.subset(held_out), [origin[i] for i in keep]
+    mixed = {}
+    if len(found.train) > 1:  # drawn once, here: a fixed list, so resuming within an epoch finds the same one
+        train, mixed = sources.mixed(train, origin, {key: files[key][0] for key in found.train}, found.mix, mix_seed)
     test = None
     references = {"val": [_prompt_and_response(row[1], fmt) for row in val_rows]}
-    same = "test_file" in files and "val_file" in files and \
-        files["test_file"][0].resolve() == files["val_file"][0].resolve()
-    if same:
+    if val_key and test_key and files[test_key][0].resolve() == files[val_key][0].resolve():
         test = val  # one file: the recipe then evaluates it once (train.test_best)
         references["test"] = references["val"]
-    elif "test_file" in files:
-        path, _, rows, bad = files["test_file"]
+    elif test_key:
+        path, _, rows, bad = files[test_key]
         test, test_kept, test_counts = _tokenized(path, rows, how)
-        skipped["dataset.test_file"] = bad + test_counts["skipped_rows"]
+        skipped[test_key] = bad + test_counts["skipped_rows"]
         references["test"] = [_prompt_and_response(rows[i][1], fmt) for i in test_kept]
     samples = [_prompt_and_response(row[1], fmt) for row in val_rows[:4]]
     counts["examples"] = len(train)
@@ -222,7 +238,7 @@ def chat_files(train_file: str, tokenizer: str, val_file: str | None = None, tes
                       sample_prompts=[_render(tok, prompt_format, fmt, p) for p, _ in samples],
                       sample_references=[r for _, r in samples], counts=counts,
                       sample_questions=[_convert(p, fmt, "prompt_completion")["prompt"] for p, _ in samples],
-                      references=references)
+                      references=references, mix=mixed)
 
 
 def _fields(fields: dict | None) -> dict[str, str]:
@@ -345,8 +361,10 @@ def _parse_messages(record: dict, fields: dict, response: bool) -> tuple[str | N
 
 def _read(file: str, key: str, format: str, fields: dict, skip: bool):
     """(path, format, rows, skipped) with rows (location, parsed record); the format is `format`, or with auto
-    the layout of the first valid record. Bad rows raise, or are skipped and counted."""
-    path = existing_file(file, key)
+    the layout of the first valid record. Bad rows raise, or are skipped and counted. `file` may be a
+    sources.HubSplit: its records are read as a file's."""
+    hub = isinstance(file, sources.HubSplit)
+    path = file if hub else existing_file(file, key)
     fmt = None if format == "auto" else format
 
     def parse(where: str, record: dict):
@@ -359,7 +377,8 @@ def _read(file: str, key: str, format: str, fields: dict, skip: bool):
         detected = f" (read as {fmt}: dataset.format={format})" if problem else ""
         return problem and problem + detected, (where, parsed)
 
-    rows, bad = read_rows(file, key, _records(path, key), parse, skip, what="record")
+    records = file.records() if hub else _records(path, key)
+    rows, bad = read_rows(str(file), key, records, parse, skip, what="record")
     if not rows:
         why = f"all {bad} records are bad (skipped)" if bad else "it is empty"
         raise SFTError(f"{key}={file} holds no examples: {why}. Give a file of messages, prompt/completion or "
@@ -580,9 +599,8 @@ def _tokenized(path: Path, rows: list, how: Tokenizing) -> tuple[TokenSequences,
     version, settings and the rows read."""
     tok, prompt_format, max_length, train_on_prompt, skip, cache = (
         how.tok, how.prompt_format, how.max_length, how.train_on_prompt, how.skip, how.cache)
-    stat = path.stat()
-    file = cache.file(LABELS_VERSION, [fingerprint(tok), prompt_format, str(path), stat.st_size, stat.st_mtime_ns,
-                                max_length, train_on_prompt, skip, [where for where, _ in rows]])
+    file = cache.file(LABELS_VERSION, [fingerprint(tok), prompt_format, *sources.version(path, rows), max_length,
+                                train_on_prompt, skip, [where for where, _ in rows]])
     saved = cache.load(file)
     if saved and saved.keys() >= {"input_ids", "labels", "kept", "counts"}:
         log.info(f"{path}: {len(saved['kept'])} examples, tokenized earlier ({file})")
