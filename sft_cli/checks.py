@@ -102,6 +102,9 @@ def _known_keys() -> tuple[frozenset, dict[str, frozenset]]:
     return frozenset(top - {"_self_"}), nested
 
 
+STRATEGIES = ("ddp", "fsdp")
+
+
 def _trainer_problems(t: DictConfig) -> list[str]:
     problems = []
     if t.precision not in PRECISIONS:
@@ -128,6 +131,20 @@ def _trainer_problems(t: DictConfig) -> list[str]:
                         f"trainer.devices={t.devices}: use a multiple of {t.devices}")
     if t.num_workers < 0:
         problems.append(f"trainer.num_workers={t.num_workers} must be 0 or more")
+    return problems + _strategy_problems(t)
+
+
+def _strategy_problems(t: DictConfig) -> list[str]:
+    if t.strategy not in STRATEGIES:
+        return [not_one_of("trainer.strategy", t.strategy, STRATEGIES)]
+    problems = []
+    if t.strategy == "fsdp" and t.precision == "16-mixed":
+        problems.append("trainer.precision=16-mixed needs a gradient scaler that FSDP's shards do not have here: "
+                        "use trainer.precision=bf16-mixed (or 32) with trainer.strategy=fsdp")
+    if t.strategy == "fsdp" and t.sync_batchnorm:
+        problems.append("trainer.sync_batchnorm=true is for trainer.strategy=ddp: set trainer.sync_batchnorm=false")
+    if t.cpu_offload and t.strategy != "fsdp":
+        problems.append("trainer.cpu_offload=true offloads FSDP's shards: add trainer.strategy=fsdp, or drop it")
     return problems
 
 

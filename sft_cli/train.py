@@ -4,13 +4,12 @@ The recipe, train(), reads top to bottom: checks -> seed/device -> data -> model
 schedule -> resume -> epoch loop (train, validate, checkpoint) -> test of the best checkpoint -> summary.json.
 The loop below it (train_one_epoch, validate, evaluate, save_checkpoint, resume) exists once: accumulation,
 clipping, the grad scaler, schedule steps, metric windows read at log intervals, checkpoints within and at
-the end of epochs, bitwise resume and DDP. What differs between tasks (data, model, the loss of a batch, what
+the end of epochs, bitwise resume, DDP and FSDP. What differs between tasks (data, model, the loss of a batch, what
 is accumulated and reported) is asked of the task object (task.py says what it provides); there are no hooks.
 Under torchrun every process runs this recipe on its shard of the data (distributed.py); `ctx.is_main` marks
 what only rank 0 does: write files and print.
 """
 
-import contextlib
 import json
 import logging
 import math
@@ -31,7 +30,7 @@ from sft_cli.models import adapters, freeze, parts, stages
 from sft_cli.results import console, loggers
 from sft_cli.results.metrics_files import MetricsFiles
 from sft_cli.task import Splits, Task
-from sft_cli.training import checkpoint, distributed, loading, optim, runtime
+from sft_cli.training import checkpoint, distributed, loading, optim, runtime, shards
 
 log = logging.getLogger("sft_cli.train")
 
@@ -77,7 +76,7 @@ class Learner:
     """What the loop updates."""
 
     model: nn.Module
-    trained: nn.Module                     # what the forward pass calls: the model, or its DDP wrapper
+    trained: nn.Module                     # what the forward pass calls: the model (FSDP: sharded), or its DDP wrapper
     optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: torch.amp.GradScaler
@@ -89,8 +88,9 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     checks.check(cfg)
     t = cfg.trainer
     if t.devices > 1 and not distributed.under_torchrun():  # sft-train trainer.devices=N: start N processes
-        return distributed.launch(list(HydraConfig.get().overrides.task), run_dir, t.devices, t.device)
-    ctx, device = distributed.init(t.device)
+        return distributed.launch(list(HydraConfig.get().overrides.task), run_dir, t.devices, t.device,
+                                  t.strategy)
+    ctx, device = distributed.init(t.device, t.strategy)
     run_dir = Path(distributed.broadcast_object(str(run_dir), ctx))  # the folder rank 0's Hydra made
     _check_processes(cfg, run_dir, ctx, device)
     task = config.build(cfg.task)
@@ -142,14 +142,15 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     if t.compile:
         model.compile()  # in place: training (through DDP too) and evaluation call the compiled forward
 
-    # Loss, optimizer and lr schedule
+    # Loss, optimizer and lr schedule (FSDP shards the model in place first: the optimizer holds the shards)
     task.set_loss(cfg.loss, splits, model)
+    trained = distributed.wrap(model, device, ctx, t.precision, t.cpu_offload)
     optimizer = optim.build_optimizer(cfg.optimizer, cfg.param_groups, model, stages.head_name(model))
     steps_per_epoch = math.ceil(len(train_loader) / t.accumulate_grad_batches)
     total_steps = min(t.max_steps or math.inf, steps_per_epoch * t.max_epochs)  # what the schedule plans for
     scheduler = config.build(cfg.scheduler, optimizer, num_training_steps=total_steps, steps_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "16-mixed")
-    learner = Learner(model, distributed.wrap(model, device, ctx), optimizer, scheduler, scaler, frozen)
+    learner = Learner(model, trained, optimizer, scheduler, scaler, frozen)
 
     # Resume: weights, optimizer, schedule, RNG, counters and best metric from the checkpoint
     state = resume(run, learner, total_steps) if cfg.resume else TrainState()
@@ -181,8 +182,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             improved = validate(run, learner, val_loader, state, row)
         row["elapsed"] = time.perf_counter() - run.started
         run.files.epoch_row(row)
-        if ctx.is_main:
-            save_checkpoint(run, learner, state, ["last", "best"] if improved else ["last"], row)
+        save_checkpoint(run, learner, state, ["last", "best"] if improved else ["last"], row)
     run.files.close()
     if _out_of_patience(t, state):
         log.info(f"early stopping: {t.monitor} has not improved for {state.bad_validations} validations")
@@ -325,7 +325,7 @@ def train_one_epoch(run: Run, learner: Learner, loader, state: TrainState) -> di
         for i, batch in enumerate(batches, start=state.batch):
             batch = loading.to_device(batch, device)
             stepping = (i + 1) % accumulate == 0 or i + 1 == len(loader)
-            with contextlib.nullcontext() if stepping or not ctx.enabled else learner.trained.no_sync():
+            with distributed.gradient_sync(learner.trained, ctx, stepping):
                 with runtime.autocast(device, t.precision):
                     summed, weight, record = task.loss(learner.trained, batch)
                 learner.scaler.scale(summed).backward()
@@ -353,7 +353,7 @@ def train_one_epoch(run: Run, learner: Learner, loader, state: TrainState) -> di
                 window = task.window(device)
             if state.step >= step_limit:
                 break
-            if every and state.step % every == 0 and i + 1 < len(loader) and ctx.is_main:
+            if every and state.step % every == 0 and i + 1 < len(loader):
                 within = {"epoch_rng": epoch_rng, "windows": [w.state_dict() for w in (window, epoch_totals)]}
                 save_checkpoint(run, learner, state, ["last"], None, within)
     stats = epoch_totals.read()
@@ -455,20 +455,23 @@ def test_best(run: Run, model: nn.Module, splits: Splits, state: TrainState, loa
         log.info("the test split is the validation split: its result is the best validation's (one pass, not two)")
         return state.best_result
     if state.best_epoch != state.epoch:
-        if run.ctx.is_main:
+        if run.ctx.is_main or run.ctx.sharded:  # FSDP: every process reads its shards
             checkpoint.load_weights(run.run_dir / "checkpoints" / "best", model)
-        distributed.broadcast_module(model, run.ctx)
+        if not run.ctx.sharded:
+            distributed.broadcast_module(model, run.ctx)
     return evaluate(run.task, model, loader, run.device, run.cfg.trainer.precision, "test")
 
 
 def write_samples(run: Run, model: nn.Module, state: TrainState) -> None:
     """Append what the task generates for a few validation inputs (a language model's greedy answers; nothing
-    for a classifier) to samples.jsonl. Rank 0 only; the RNG is left as it was, so resume stays bitwise."""
-    if not run.ctx.is_main:
+    for a classifier) to samples.jsonl. Rank 0 only (every process generates under FSDP, whose forward passes
+    are collective); the RNG is left as it was, so resume stays bitwise."""
+    if not (run.ctx.is_main or distributed.is_sharded(model)):
         return
-    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []), \
+            distributed.generating(model):
         rows = run.task.generate_samples(model)
-    if rows:
+    if rows and run.ctx.is_main:
         with open(run.run_dir / "samples.jsonl", "a") as f:
             f.writelines(json.dumps({"epoch": state.epoch, "step": state.step, **row}) + "\n" for row in rows)
 
@@ -483,13 +486,26 @@ def evaluate(task: Task, model: nn.Module, loader, device: torch.device, precisi
     model.eval()
     start = time.perf_counter()
     window = task.window(device)
-    with torch.inference_mode(), runtime.autocast(device, precision):
+    done, batch = 0, None
+    with distributed.inference(model), runtime.autocast(device, precision):
         for batch in loader:
-            window.add(task.loss(model, loading.to_device(batch, device))[2])
+            batch = loading.to_device(batch, device)
+            window.add(task.loss(model, batch)[2])
+            done += 1
+        for _ in range(distributed.passes_behind(done, model)):  # FSDP: as many forward passes as the others
+            task.loss(model, _some_batch(batch, split))
     result = window.read()
     result |= window.details() | {"samples_per_s": result["samples"] / (time.perf_counter() - start)}
-    with torch.inference_mode(), runtime.autocast(device, precision):
+    with distributed.inference(model), runtime.autocast(device, precision), distributed.generating(model):
         return result | task.judge(model, split)
+
+
+def _some_batch(batch, split: str):
+    if batch is None:  # this process's share of the split is empty
+        raise SFTError(f"the {split} split has fewer examples than there are processes, so one process has none "
+                       "to evaluate, and under trainer.strategy=fsdp every process must: give it more examples, or "
+                       "use fewer processes.")
+    return batch
 
 
 def base_lr(optimizer) -> float:
@@ -502,13 +518,18 @@ def save_checkpoint(run: Run, learner: Learner, state: TrainState, tags: list[st
                     within_epoch: dict | None = None) -> None:
     """checkpoints/step-N with `tags` pointed at it. Within an epoch (`within_epoch`: the epoch's RNG state and
     the windows' sums) it also holds what resume needs to continue from the next batch."""
+    if not (run.ctx.is_main or run.ctx.sharded):  # FSDP: every process writes its shards
+        return
     state.elapsed = time.perf_counter() - run.started
-    blob = {"optimizer": learner.optimizer.state_dict(), "scheduler": learner.scheduler.state_dict(),
+    sharded = run.ctx.sharded  # the optimizer state goes into the shards, not state.pt
+    blob = {**({} if sharded else {"optimizer": learner.optimizer.state_dict()}),
+            "scheduler": learner.scheduler.state_dict(),
             "scaler": learner.scaler.state_dict(), "rng": runtime.rng_state(), **state.to_checkpoint(),
             **(within_epoch or {})}
     meta = {**run.task.info(), "epoch": state.epoch, "step": state.step, "batch": state.batch, "metrics": row,
             "monitor": run.cfg.trainer.monitor, "best": state.best}
-    checkpoint.save(run.run_dir / "checkpoints", tags, learner.model, blob, run.cfg, meta)
+    checkpoint.save(run.run_dir / "checkpoints", tags, learner.model, blob, run.cfg, meta,
+                    learner.optimizer if sharded else None)
 
 
 def resume(run: Run, learner: Learner, total_steps: int) -> TrainState:
@@ -529,6 +550,10 @@ def resume(run: Run, learner: Learner, total_steps: int) -> TrainState:
         log.warning(f"resume: {line} (the current value is used)")
     if learner.model.sft.adapter:  # an adapter continues only on the base it was trained on
         adapters.check_base(meta.get("adapter_base") or {}, learner.model, ckpt, adapters.base_key(cfg.model))
+    written = "fsdp" if shards.has_shards(ckpt) else "ddp"  # sharded weights and optimizer state, or whole
+    if written != run.ctx.strategy:
+        raise SFTError(f"resume={cfg.resume} was written with trainer.strategy={written}: resume it with "
+                       f"trainer.strategy={written} (on any number of processes).")
     checkpoint.load_weights(ckpt, learner.model)
     blob = checkpoint.load_state(ckpt)
     optimizer, scheduler = learner.optimizer, learner.scheduler
@@ -537,7 +562,10 @@ def resume(run: Run, learner: Learner, total_steps: int) -> TrainState:
                        f" steps and cannot be stretched to {total_steps}: keep trainer.max_epochs/max_steps as they "
                        "were, or use a scheduler such as cosine, whose length follows the current config.")
     try:
-        optimizer.load_state_dict(blob["optimizer"])
+        if run.ctx.sharded:
+            shards.load_optimizer(ckpt, learner.model, optimizer)
+        else:
+            optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
     except (ValueError, KeyError) as e:
         raise SFTError(f"resume={cfg.resume}: its optimizer/scheduler state does not fit the configured "

@@ -73,7 +73,9 @@ def write(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None
         tmp.mkdir(parents=True)
     barrier()
     state = {"model": weights(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=tmp / SHARDS)
+    with warnings.catch_warnings():  # one process: DCP's "assuming the intent is to save in a single process"
+        warnings.filterwarnings("ignore", message=".*single process")
+        dcp.save(state, checkpoint_id=tmp / SHARDS)
     barrier()
 
 
