@@ -85,8 +85,11 @@ def launch(task_overrides: list[str], run_dir: Path, devices: int, device_name: 
         raise SFTError(f"trainer.devices={devices} but only {torch.cuda.device_count()} GPU(s) are visible: "
                        f"lower trainer.devices (or check CUDA_VISIBLE_DEVICES).")
     if device.type != "cuda" and device_name == "auto":
-        raise SFTError(f"trainer.devices={devices} asks for {devices} GPUs, but no CUDA GPU is visible. To train "
-                       f"with {devices} CPU processes instead, set trainer.device=cpu.")
+        if device.type != "cpu":
+            raise SFTError(f"trainer.devices={devices} needs CUDA GPUs or CPU processes; trainer.device=auto picked "
+                           f"{device.type}, which cannot run {devices} processes: set trainer.device=cpu.")
+        log.warning(f"trainer.devices={devices}: no CUDA GPU is visible, so {devices} CPU processes (gloo) train; "
+                    "trainer.device=cuda insists on GPUs")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
                "-m", "sft_cli.cli", *task_overrides, f"hydra.run.dir={run_dir}"]
     log.info(f"launching {strategy.upper()} on {devices} processes: torchrun --standalone --nproc_per_node={devices} "
