@@ -195,12 +195,14 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         test = {k: details[k] for k in (*task.metrics, "samples") if k in details}
         if ctx.is_main:  # per-class scores and the confusion matrix, for reports
             (run_dir / "test.json").write_text(json.dumps({**task.info(), **details}, indent=2))
+    peaks = distributed.all_gather_objects(runtime.peak_memory(device))  # each process's, in rank order
     summary = {"name": cfg.name, "status": "early_stopped" if _out_of_patience(t, state) else "completed",
                "monitor": t.monitor, "mode": config.mode_of(t), "best_value": state.best,
                "best_epoch": state.best_epoch, "epochs": state.epoch, "steps": state.step, "test": test,
                "wall_time_s": round(time.perf_counter() - run.started, 2), "device": str(device),
                "precision": runtime.effective_precision(device, t.precision),
-               "processes": ctx.world_size, "peak_memory_bytes": runtime.peak_memory(device),
+               "processes": ctx.world_size, "peak_memory_bytes": max(peaks),
+               "peak_memory_per_process_bytes": peaks if ctx.enabled else None,
                "trainable_params": sum(r[1] for r in counts), "total_params": sum(r[2] for r in counts),
                "skipped_rows": splits.skipped,  # dataset.skip_bad_rows: rows left out, per file
                "train_mix": splits.mix,  # dataset.train_files: per file, its examples and how many train drew

@@ -106,8 +106,9 @@ def print_key_values(title: str, values: dict) -> None:
     table.add_column(style="bold")
     table.add_column()
     for key, value in values.items():
-        if key.endswith("_bytes") and isinstance(value, int):  # peak_memory_bytes: 1.23 GiB
-            key, value = key.removesuffix("_bytes"), f"{value / 2**30:.2f} GiB"
+        if key.endswith("_bytes") and isinstance(value, (int, list)):  # peak_memory_bytes: 1.23 GiB
+            sizes = value if isinstance(value, list) else [value]  # per process: 1.23 / 1.20 GiB
+            key, value = key.removesuffix("_bytes"), " / ".join(f"{v / 2**30:.2f}" for v in sizes) + " GiB"
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
 
