@@ -128,7 +128,10 @@ def test_a_run_folder_that_holds_a_run_is_never_reused(quick_run: Path, tmp_path
 
 
 def test_a_hub_dataset_without_the_optional_extra_says_how_to_install_it(tmp_path: Path):
-    result = run_cli("sft-train", "+experiment=sst2_bert", cwd=tmp_path)
+    # the dev extra installs `datasets`: a package of that name that cannot be imported stands in for its absence
+    (tmp_path / "absent" / "datasets").mkdir(parents=True)
+    (tmp_path / "absent" / "datasets" / "__init__.py").write_text("raise ImportError(\"No module named 'datasets'\")\n")
+    result = run_cli("sft-train", "+experiment=sst2_bert", cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "absent")})
     refused(result, install_command("hub"), "dataset=text_files")
 
 

@@ -109,7 +109,7 @@ def _write(tmp: Path, model: nn.Module, state: dict, config: DictConfig, meta: d
         _write_weights(tmp / MODEL_FILE, model, meta)
     torch.save(state, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(OmegaConf.to_yaml(config, resolve=True))
-    (tmp / META_FILE).write_text(json.dumps({**meta, "sharded": sharded}, indent=2))
+    (tmp / META_FILE).write_text(json.dumps({**meta, "sharded": True} if sharded else meta, indent=2))
     if model.sft.save_extras:  # a transformers model: its config and tokenizer (hf/)
         model.sft.save_extras(tmp)
     # The writers close (flush) their files but do not sync them: without this, a power cut after the rename
