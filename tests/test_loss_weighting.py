@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ok, run_cli
 from fixtures import write_tiny_bert, write_tiny_llama
@@ -113,3 +114,38 @@ def test_class_weighted_cross_entropy_is_the_same_whole_or_accumulated(tmp_path:
     train_here([*args, *one_step(tmp_path, "accumulated", "tsv"), "trainer.batch_size=2", "trainer.accumulate_grad_batches=4",
                 "dataset.group_by_length=true"], tmp_path / "run-accumulated")
     assert max_relative_difference(recorded(tmp_path / "accumulated"), recorded(tmp_path / "whole")) < 1e-6
+
+
+def test_packed_rows_flattened_for_a_varlen_kernel_give_the_same_logits(tmp_path: Path):
+    # a flash attention model gets each packed batch as one padding-free row (transformers calls its varlen
+    # kernel only for one row); SDPA builds the same block-diagonal mask from the positions, so on CPU the
+    # flattened batch must give exactly the rows' logits at the learned positions
+    from sft_cli.models.hf import hf_causal_lm
+    from sft_cli.tasks.causal_lm.chats import CausalCollate, PackedSequences, TokenSequences
+
+    write_tiny_llama(tmp_path / "tiny-llama")
+    model = hf_causal_lm(str(tmp_path / "tiny-llama")).eval()
+    g = torch.Generator().manual_seed(0)
+    lengths = [9, 4, 13, 6, 3, 11, 7]
+    ids = [torch.randint(3, 60, (n,), generator=g).tolist() for n in lengths]
+    packed = PackedSequences(TokenSequences(ids, [list(x) for x in ids]), capacity=16)
+    rows = [packed[r] for r in range(len(packed))]
+    assert len(rows) > 2
+    (by_rows, row_labels, counts), (flat, flat_labels, flat_counts) = CausalCollate(0)(rows), CausalCollate(0, True)(rows)
+    assert flat["input_ids"].shape == (1, sum(lengths)) and counts == flat_counts  # one row, no padding
+    with torch.no_grad():
+        (logits, targets), (flat_logits, flat_targets) = model(by_rows, row_labels), model(flat, flat_labels)
+    assert torch.equal(targets, flat_targets) and torch.allclose(logits, flat_logits, atol=1e-5)
+
+
+def test_a_flash_attention_model_without_its_kernel_says_how_to_get_it(tmp_path: Path):
+    from sft_cli.errors import SFTError
+    from sft_cli.models.hf import hf_causal_lm
+
+    write_tiny_llama(tmp_path / "tiny-llama")
+    try:
+        hf_causal_lm(str(tmp_path / "tiny-llama"), attn_implementation="flash_attention_2")
+    except SFTError as e:
+        assert "model.attn_implementation=flash_attention_2" in str(e) and "model.attn_implementation=null" in str(e)
+    else:
+        pytest.skip("flash-attn is installed and usable here")

@@ -199,6 +199,12 @@ def next_token_positions(values: torch.Tensor, labels: torch.Tensor) -> tuple[to
     return values[:, :-1][learned], targets[learned]
 
 
+def varlen_attention(model: nn.Module) -> bool:
+    """Whether the transformers model attends with a flash (variable-length) kernel: transformers then keeps
+    packed examples apart by their restarting positions only in a batch of one row (flattened, padding-free)."""
+    return "flash" in str(getattr(model.config, "_attn_implementation", None) or "")
+
+
 def _transforms_logits(config) -> bool:
     """Whether the model changes its logits after the output projection (Gemma 2's soft-capping, Cohere's and
     Granite's scaling), which the learned-positions path would skip."""
@@ -224,9 +230,11 @@ def weight_dtype(dtype: str, precision: str = "32", device: str = "cpu") -> torc
 
 
 def hf_causal_lm(name_or_path: str, weights: str | None = "pretrained", gradient_checkpointing: bool = False,
-                 dtype: str = "auto", precision: str = "32", device: str = "cpu") -> CausalLM:
+                 dtype: str = "auto", precision: str = "32", device: str = "cpu",
+                 attn_implementation: str | None = None) -> CausalLM:
     """Any AutoModelForCausalLM (Llama, Qwen, SmolLM, GPT-2, ...) by hub name or local folder, with its
     tokenizer. weights=null keeps the architecture and initialises it randomly (a checkpoint is loaded next).
+    attn_implementation: transformers' (null: its default, SDPA; flash_attention_2: the varlen kernel).
     Stages for freezing: the input embeddings (stem), each decoder layer, then the final norm and lm_head."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -236,12 +244,18 @@ def hf_causal_lm(name_or_path: str, weights: str | None = "pretrained", gradient
     torch_dtype = weight_dtype(dtype, precision, device)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         if weights:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **attention)
         else:
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), dtype=torch_dtype,
+                                                     **attention)
+    except ImportError as e:  # flash_attention_2 without the flash-attn package (or without CUDA)
+        raise SFTError(f"model.attn_implementation={attn_implementation} cannot be used here ({str(e)[:300]}). "
+                       "Install its kernel (pip install flash-attn, on a CUDA machine), or set "
+                       "model.attn_implementation=null (transformers' default, SDPA).") from e
     except LOAD_ERRORS as e:
         raise load_failed(name_or_path, " as a causal LM", e) from e
     pad_with_eos(tokenizer)

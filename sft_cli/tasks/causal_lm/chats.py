@@ -130,14 +130,20 @@ class CausalCollate:
     labels, counts) with IGNORE labels on the padding; counts: {examples, tokens} (not padding). Labels come
     from the items, never from input_ids == pad, so an EOS that is also the pad token is still learned. Packed
     rows (PackedSequences) get position_ids instead of an attention_mask; their padding continues the last
-    example's positions, so no real token attends to it. A class, so workers can pickle it."""
+    example's positions, so no real token attends to it. With `flatten` (a flash attention model), packed rows
+    are joined into one row without padding: the batch transformers hands to the variable-length kernel. A
+    class, so workers can pickle it."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, flatten: bool = False):
         self.pad_token_id = pad_token_id
+        self.flatten = flatten
 
     def __call__(self, batch: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, int]]:
-        width = max(len(item["input_ids"]) for item in batch)
         packed = "position_ids" in batch[0]
+        if packed and self.flatten:
+            joined = {key: [v for item in batch for v in item[key]] for key in ("input_ids", "labels", "position_ids")}
+            batch = [{**joined, "examples": sum(item["examples"] for item in batch)}]
+        width = max(len(item["input_ids"]) for item in batch)
         input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)

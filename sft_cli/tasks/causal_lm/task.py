@@ -19,6 +19,7 @@ from sft_cli import config
 from sft_cli.errors import SFTError
 from sft_cli.task import Splits
 from sft_cli.tasks.causal_lm import answers, chats
+from sft_cli.models.hf import varlen_attention
 from sft_cli.tasks.causal_lm.chats import PackedSequences
 from sft_cli.tasks.causal_lm.metrics import TokenWindow
 from sft_cli.training import distributed
@@ -77,6 +78,7 @@ class CausalLMTask:
                            f"<{dataset._target_}>: set dataset=chat_files dataset.train_file=..., or task=classification")
         self.prompt_format, self.tokenizer = splits.prompt_format, splits.tokenizer
         self.packed = isinstance(splits.train, PackedSequences)
+        self.collate = splits.collate
         self.sample_prompts = splits.sample_prompts[:self.samples]
         self.sample_references = splits.sample_references[:self.samples]
         self.sample_questions = splits.sample_questions[:self.samples]
@@ -93,7 +95,11 @@ class CausalLMTask:
         built = config.build(model, **({} if pretrained else {"weights": None}))
         if self.tokenizer is not None:
             built.tokenizer = self.tokenizer  # checkpoints (hf/) then hold the chat template training used
-        if getattr(self, "packed", False):
+        if getattr(self, "packed", False) and varlen_attention(built.model):
+            self.collate.flatten = True  # the loaders share this collate: their batches become one row each
+            log.info(f"dataset.packing=true with {built.model.config._attn_implementation}: each batch is one "
+                     "padding-free row, its examples told apart by their restarting positions")
+        elif getattr(self, "packed", False):
             _check_packing(built, model.get("name_or_path"))
         return built
 
