@@ -488,13 +488,17 @@ def evaluate(task: Task, model: nn.Module, loader, device: torch.device, precisi
     model.eval()
     start = time.perf_counter()
     window = task.window(device)
-    done, batch = 0, None
+    batch = None
+    # FSDP: as many forward passes as the others, counted before any (each pass is a collective: a count taken
+    # after the loop would meet the busier processes' passes, and hang)
+    behind = distributed.passes_behind(len(loader), model)
     with distributed.inference(model), runtime.autocast(device, precision):
+        if behind and not len(loader):
+            _some_batch(None, split)  # raises: this process has no batch to repeat
         for batch in loader:
             batch = loading.to_device(batch, device)
             window.add(task.loss(model, batch)[2])
-            done += 1
-        for _ in range(distributed.passes_behind(done, model)):  # FSDP: as many forward passes as the others
+        for _ in range(behind):
             task.loss(model, _some_batch(batch, split))
     result = window.read()
     result |= window.details() | {"samples_per_s": result["samples"] / (time.perf_counter() - start)}

@@ -3,6 +3,7 @@
 wrote, and they load anywhere (one process, another process count, sft-export to a plain transformers folder)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,11 @@ TWO = {"OMP_NUM_THREADS": "1"}
 
 
 def fsdp_args(cwd: Path) -> list[str]:
-    """A packed chat run of a tiny Llama on 2 CPU processes: 5 optimizer steps, every one logged."""
+    """A packed chat run of a tiny Llama on 2 CPU processes: 5 optimizer steps, every one logged. Its 5 val
+    examples in batches of 2 make 2 eval batches on one process and 1 on the other (FSDP must repeat one)."""
     return [*chat_args(cwd), "dataset.packing=true", "dataset.max_length=64", "trainer.batch_size=4",
             "trainer.max_steps=5", "trainer.log_every_n_steps=1", "trainer.device=cpu", "task.samples=2",
-            "task.generate_samples=4", "task.sample_tokens=8"]
+            "task.generate_samples=4", "task.sample_tokens=8", "trainer.eval_batch_size=2"]
 
 
 def losses(run: Path, split: str) -> list[tuple[int, float]]:
@@ -88,6 +90,26 @@ def test_fsdp_mistakes_are_named_before_anything_runs(runs: Path):
     result = run_cli("sft-train", *fsdp_args(runs), "trainer.strategy=fsdp", "resume=ddp", "hydra.run.dir=mixed",
                      cwd=runs)
     assert result.returncode == 1 and "trainer.strategy=ddp" in result.output and "Traceback" not in result.output
+
+
+def test_a_damaged_sharded_checkpoint_is_named_without_a_traceback(runs: Path, tmp_path: Path):
+    for damaged, damage in (("lost", lambda shards: (shards / "__1_0.distcp").unlink()),
+                            ("cut", lambda shards: (shards / ".metadata").write_bytes(b"\x80\x04"))):
+        shutil.copytree(runs / "fsdp" / "checkpoints" / "last", runs / damaged / "last")
+        damage(runs / damaged / "last" / "shards")
+        result = run_cli("sft-export", f"checkpoint={damaged}/last", f"output={tmp_path / damaged}", cwd=runs)
+        assert result.returncode == 1 and "is incomplete or corrupt" in result.output, result.output[-2000:]
+        assert "Traceback" not in result.output and "Use another checkpoint" in result.output
+
+
+def test_sgd_trains_sharded_and_a_val_split_smaller_than_the_processes_is_named(runs: Path):
+    # SGD's fused kernel takes no DTensor: it runs unfused. The one val example leaves one process none to
+    # evaluate, which FSDP's collective forward passes cannot do without: an error, not a hang
+    result = run_cli("sft-train", *fsdp_args(runs), "optimizer=sgd", "trainer.max_steps=1", "trainer.devices=2",
+                     "trainer.strategy=fsdp", "task.validate_before_training=false", "dataset.val_size=1",
+                     "task.samples=0", "hydra.run.dir=sgd", cwd=runs, env=TWO, timeout=120)
+    assert result.returncode == 1 and "fewer examples than there are processes" in result.output, result.output[-3000:]
+    assert "runs unfused" in result.output and losses(runs / "sgd", "train")[0][0] == 1
 
 
 @pytest.mark.slow  # three torchruns of 2 processes and one single-process run: about 2 minutes

@@ -234,14 +234,15 @@ def gradient_sync(trained: nn.Module, ctx: Context, sync: bool):
     return contextlib.nullcontext() if sync else trained.no_sync()
 
 
-def passes_behind(done: int, model: nn.Module) -> int:
+def passes_behind(passes: int, model: nn.Module) -> int:
     """Under FSDP each forward pass is a collective, so every process must run as many: how many more passes
-    this process (which ran `done`) must make to match the busiest one. 0 otherwise."""
+    this process (which has `passes` to make) must make to match the busiest one. Call it before any of them
+    (it is a collective too). 0 otherwise."""
     if not is_sharded(model):
         return 0
-    most = torch.tensor(done)
+    most = torch.tensor(passes)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    return int(most) - done
+    return int(most) - passes
 
 
 class EvalShard(Sampler):

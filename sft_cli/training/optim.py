@@ -1,15 +1,19 @@
 """Optimizer parameter groups and lr schedules. Schedules share one signature,
 (optimizer, num_training_steps, steps_per_epoch, **yaml), and all but `plateau` step once per optimizer step."""
 
+import logging
 import math
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
 
 from sft_cli.config import build
 from sft_cli.errors import SFTError
+from sft_cli.training import distributed
+
+log = logging.getLogger("sft_cli.optim")
 
 
 def param_groups(model: nn.Module, head: str, lr: float, weight_decay: float, head_lr: float | None,
@@ -47,10 +51,18 @@ def param_groups(model: nn.Module, head: str, lr: float, weight_decay: float, he
             for (is_head, no_decay, k), params in sorted(groups.items())]
 
 
+# The optimizers whose fused kernel takes FSDP's sharded parameters (DTensors); SGD's fails at its first step
+SHARDED_FUSED = ("torch.optim.Adam", "torch.optim.AdamW")
+
+
 def build_optimizer(cfg: DictConfig, groups: DictConfig, model: nn.Module, head: str) -> Optimizer:
     """instantiate(configs/optimizer/*) over param_groups(): `groups` is sft-cli's own node (train.yaml's
     param_groups: head_lr, layer_decay), kept apart from the torch.optim constructor's arguments."""
     params = param_groups(model, head, cfg.lr, cfg.get("weight_decay", 0.0), groups.head_lr, groups.layer_decay)
+    if cfg.get("fused") and distributed.is_sharded(model) and cfg.get("_target_") not in SHARDED_FUSED:
+        log.warning(f"optimizer.fused=true: {cfg.get('_target_')} has no fused kernel for FSDP's sharded parameters "
+                    "(only Adam and AdamW have), so it runs unfused (set optimizer.fused=false to say so)")
+        cfg = OmegaConf.merge(cfg, {"fused": False})
     try:
         return build(cfg, params=params)
     except SFTError as e:

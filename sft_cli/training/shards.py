@@ -14,6 +14,7 @@ sft-eval, sft-predict and sft-export read a sharded checkpoint as they read any 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import warnings
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 
 from sft_cli.errors import SFTError
@@ -91,10 +93,11 @@ def load_weights(ckpt: Path, model: nn.Module) -> dict:
     target = weights(model)
     try:
         _load({"model": target}, ckpt)
-    except Exception as e:  # DCP wraps every failure (a missing key, a shape, a lost file) in its own types
+    except (Exception, CheckpointException) as e:  # DCP wraps every failure in its own type (no Exception)
+        _refuse_damaged(ckpt, e)
         raise SFTError(f"the sharded weights in {Path(ckpt) / SHARDS} do not fit the configured model (a different "
-                       f"model, adapter or class count?), or a shard is missing: {str(e).splitlines()[0][:400]}. Use "
-                       "the config the checkpoint was trained with (its config.yaml), or another checkpoint.") from e
+                       f"model, adapter or class count?), or a shard is missing: {_reason(e)}. Use the config the "
+                       "checkpoint was trained with (its config.yaml), or another checkpoint.") from None
     return target
 
 
@@ -106,14 +109,45 @@ def load_optimizer(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimize
     state = get_optimizer_state_dict(model, optimizer)
     try:
         _load({"optimizer": state}, ckpt)
-    except Exception as e:
+    except (Exception, CheckpointException) as e:
+        _refuse_damaged(ckpt, e)
         raise SFTError(f"the optimizer state in {Path(ckpt) / SHARDS} does not fit the configured optimizer "
-                       f"{type(optimizer).__name__} ({str(e).splitlines()[0][:300]}): resume with the optimizer the "
-                       "run was started with.") from e
+                       f"{type(optimizer).__name__} ({_reason(e)}): resume with the optimizer the run was started "
+                       "with.") from None
     set_optimizer_state_dict(model, optimizer, state)
 
 
+def _cause(e: BaseException) -> BaseException:
+    """The failure inside DCP's CheckpointException (one per rank; the first), or `e` itself."""
+    failures = getattr(e, "failures", None)
+    return next(iter(failures.values()))[0] if failures else e
+
+
+def _reason(e: BaseException) -> str:
+    cause = _cause(e)
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0][:400]}" if text else type(cause).__name__
+
+
+def _refuse_damaged(ckpt: Path, e: BaseException) -> None:
+    """A shard or the .metadata lost or cut short (a copy that did not finish): say so, not that the model differs."""
+    cause = _cause(e)
+    if isinstance(cause, OSError) or "metadata" in str(cause):
+        raise SFTError(f"checkpoint {ckpt} is incomplete or corrupt: {_reason(cause)}. Use another checkpoint "
+                       "(checkpoints/best or checkpoints/last of the run, or an earlier step-N).") from None
+
+
+def _fallback_unlogged(record: logging.LogRecord) -> bool:
+    # DCP logs on the root logger, with a traceback, that it could not read .metadata before it fails: the error
+    # raised then (see _refuse_damaged) says so once
+    return "metadata is not found" not in record.getMessage()
+
+
 def _load(state: dict, ckpt: Path) -> None:
-    with warnings.catch_warnings():  # one process: DCP's "assuming the intent is to load in a single process"
-        warnings.filterwarnings("ignore", message=".*single process")
-        dcp.load(state, checkpoint_id=Path(ckpt) / SHARDS)
+    logging.getLogger().addFilter(_fallback_unlogged)
+    try:
+        with warnings.catch_warnings():  # one process: DCP's "assuming the intent is to load in a single process"
+            warnings.filterwarnings("ignore", message=".*single process")
+            dcp.load(state, checkpoint_id=Path(ckpt) / SHARDS)
+    finally:
+        logging.getLogger().removeFilter(_fallback_unlogged)
