@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from conftest import FAST, assert_kill_and_resume_is_bitwise, ok, read_json, run_cli
 from fixtures import chat_rows, sentiment_rows, write_tiny_bert, write_tiny_llama
 from inprocess import train_offline
-from test_cli_errors import refused
 
 from sft_cli.extras import install_command
 

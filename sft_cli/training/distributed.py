@@ -220,6 +220,9 @@ def _shard(model: nn.Module, device: torch.device, precision: str, cpu_offload: 
     # Initialise the root's state now: generation (before any training forward) calls the layers directly
     model._get_fsdp_state()._lazy_init()
     log.info(f"FSDP: {len(units)} layers and the root sharded over {dist.get_world_size()} processes")
+    if not units:
+        log.warning("FSDP: the model names no transformer layers (_no_split_modules), so it is one unit whose "
+                    "parameters are all gathered at once: little memory is saved. trainer.strategy=ddp is faster.")
     return model
 
 
