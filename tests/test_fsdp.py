@@ -133,7 +133,9 @@ def test_a_killed_fsdp_run_resumes_exactly_also_on_another_process_count(tmp_pat
     # The shards 2 processes wrote continue in 1 (its batches are drawn by another sampler: not the same steps)
     result = ok(run_cli("sft-train", *args, "resume=killed", "hydra.run.dir=one", cwd=tmp_path))
     assert "resumed from" in result.output
-    assert read_json(tmp_path / "one" / "summary.json")["steps"] == read_json(tmp_path / "whole" / "summary.json")["steps"]
+    one, whole = (read_json(tmp_path / run / "summary.json") for run in ("one", "whole"))
+    # an epoch's batch count may differ by one between counts (DistributedSampler pads each process's share)
+    assert one["epochs"] == 2 and abs(one["steps"] - whole["steps"]) <= 1 and one["processes"] == 1
 
 
 @pytest.mark.slow  # two torchruns of 2 processes: about a minute

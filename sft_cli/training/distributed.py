@@ -57,6 +57,7 @@ def init(device_name: str, strategy: str = "ddp") -> tuple[Context, torch.device
     device = runtime.pick_device(device_name)
     if not under_torchrun():
         return Context(strategy=strategy), device
+    _die_with_torchrun()
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
@@ -70,6 +71,21 @@ def init(device_name: str, strategy: str = "ddp") -> tuple[Context, torch.device
     else:
         raise SFTError(f"trainer.device={device_name} ({device.type}) cannot run DDP: use cuda or cpu.")
     return Context(rank, world, strategy), device
+
+
+def _die_with_torchrun() -> None:
+    """torchrun starts each process in a session of its own, so a SIGKILL of sft-train and its process group
+    (or of torchrun) would leave them training, still writing into the run folder. On Linux the kernel kills
+    this process when its parent, torchrun, goes."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # torchrun went before the request was made
+        os._exit(1)
 
 
 def close() -> None:
