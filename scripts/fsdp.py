@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from packing import write_chats
+from packing import train_rate, write_chats
 
 BIN = Path(sys.executable).parent
 
@@ -50,14 +50,10 @@ def run(strategy: str, args, out: Path) -> dict:
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode:
         sys.exit(f"{strategy} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if r["split"] == "train"][2:]  # the first steps warm up
     summary = json.loads((run_dir / "summary.json").read_text())
-    tokens, seconds = sum(r["tokens"] for r in train), sum(r["tokens"] / r["tokens_per_s"] for r in train)
     checkpoint = sum(f.stat().st_size for f in (run_dir / "checkpoints" / "last").rglob("*") if f.is_file())
-    return {"tokens_per_s": tokens / seconds, "steps_timed": len(train),
-            "peak_memory_gib": [b / 2**30 for b in summary["peak_memory_per_process_bytes"]],
-            "train_loss": [r["loss"] for r in train], "checkpoint_gib": checkpoint / 2**30}
+    return {**train_rate(run_dir), "peak_memory_gib": [b / 2**30 for b in summary["peak_memory_per_process_bytes"]],
+            "checkpoint_gib": checkpoint / 2**30}
 
 
 def main(argv=None) -> dict:

@@ -56,12 +56,17 @@ def run(name: str, args, out: Path, extra: list[str]) -> dict:
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         sys.exit(f"{name} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if r["split"] == "train"][2:]  # the first steps warm up
     summary = json.loads((run_dir / "summary.json").read_text())
+    return {**train_rate(run_dir), "peak_memory_gib": summary["peak_memory_bytes"] / 2**30}
+
+
+def train_rate(run_dir: Path) -> dict:
+    """Train tokens/s of a finished run over its logged steps, the first two (warm-up) left out."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"][2:]
     tokens, seconds = sum(r["tokens"] for r in train), sum(r["tokens"] / r["tokens_per_s"] for r in train)
-    return {"tokens_per_s": tokens / seconds, "tokens_per_step": tokens / len(train),
-            "peak_memory_gib": summary["peak_memory_bytes"] / 2**30, "steps_timed": len(train)}
+    return {"tokens_per_s": tokens / seconds, "tokens_per_step": tokens / len(train), "steps_timed": len(train),
+            "train_loss": [r["loss"] for r in train]}
 
 
 def main(argv=None) -> dict:
